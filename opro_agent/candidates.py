@@ -1,0 +1,70 @@
+"""Turning optimizer output into candidate instructions: parse, normalise, dedupe."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Iterable
+
+__all__ = ["dedupe_key", "instruction_key", "normalise_instruction", "parse_instruction"]
+
+_FENCE_RE = re.compile(r"^```[\w-]*\s*|\s*```$")
+_LABEL_RE = re.compile(r"^(?:new\s+)?(?:instruction|prompt|text)\s*[:\-]\s*", re.IGNORECASE)
+_QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb"
+
+
+def parse_instruction(output: str, tag: str) -> str | None:
+    """The first instruction wrapped in <tag>...</tag>, tolerant of what LLMs do to tags.
+
+    Accepts a closed pair, an opening tag with no closing one (the text up to a blank line),
+    a lone closing tag (the text before it), and markdown around it. None when nothing usable.
+    """
+    text = output.strip()
+    tags = re.escape(tag)
+    closed = re.search(rf"<{tags}>(.*?)</{tags}>", text, re.IGNORECASE | re.DOTALL)
+    if closed:
+        found = closed.group(1)
+    elif (opened := re.search(rf"<{tags}>", text, re.IGNORECASE)) is not None:
+        found = re.split(r"\n\s*\n|<", text[opened.end() :], maxsplit=1)[0]
+    elif (closing := re.search(rf"</{tags}>", text, re.IGNORECASE)) is not None:
+        found = re.split(r"\n\s*\n|>", text[: closing.start()])[-1]
+    else:
+        return None
+    instruction = normalise_instruction(found)
+    return instruction or None
+
+
+def normalise_instruction(text: str) -> str:
+    """Strip markdown, labels and wrapping quotes; collapse runs of spaces."""
+    text = unicodedata.normalize("NFC", text).strip()
+    text = _FENCE_RE.sub("", text).strip()
+    text = text.replace("**", "").replace("__", "")
+    text = _LABEL_RE.sub("", text)
+    while len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
+        text = text[1:-1].strip()
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    return "\n".join(line for line in lines if line).strip()
+
+
+def dedupe_key(text: str) -> str:
+    """Instructions with the same key are the same instruction (case, width, spacing folded)."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    folded = " ".join(folded.split())
+    return folded.rstrip(".!;:, ")
+
+
+def instruction_key(text: str) -> str:
+    """A stable id for an instruction's exact text (what the run store keys results by)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def unique(texts: Iterable[str], seen: set[str]) -> list[str]:
+    """`texts` without those whose dedupe key is in `seen` (which is updated)."""
+    out = []
+    for text in texts:
+        key = dedupe_key(text)
+        if key not in seen:
+            seen.add(key)
+            out.append(text)
+    return out

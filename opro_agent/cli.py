@@ -1,0 +1,423 @@
+"""The `opro-agent` command line. The only place that configures logging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import structlog
+
+from opro_agent.errors import ConfigError, LLMCallsFailingError, OproError
+from opro_agent.optimizer import (
+    OproOptimizer,
+    OproSettings,
+    OptimizationResult,
+    evaluate_instruction,
+)
+from opro_agent.providers import LOCAL, ModelOptions, Models, ModelSpec
+from opro_agent.store import RunStore
+from opro_agent.task import Task
+
+__all__ = ["main"]
+
+OPTIMIZER_MAX_TOKENS = 200  # an instruction is at most 500 characters
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line naming the flag, not a usage dump.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    return _positive_int(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(prog="opro-agent", description="Automatic prompt optimization (OPRO).")
+    parser.add_argument("--log-json", action="store_true", help="log events as JSON lines")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    opt = commands.add_parser("optimize", help="search for the best instruction for a task")
+    opt.add_argument("task", nargs="?", help="task YAML (optional with --resume)")
+    opt.add_argument("--resume", metavar="RUN", help="continue a stopped run")
+    _add_model_flags(opt, roles=("optimizer", "scorer"))
+    opt.add_argument("--steps", type=_non_negative_int, help="optimization steps (default 10)")
+    opt.add_argument("--candidates", type=_positive_int, help="instructions per step (default 8)")
+    opt.add_argument("--patience", type=_positive_int, help="stop after K steps without gain")
+    opt.add_argument("--target-score", type=_fraction, help="stop at this train accuracy")
+    opt.add_argument(
+        "--exemplars",
+        choices=("random", "constant", "most_wrong"),
+        help="how the meta-prompt's 3 exemplars are chosen (default random)",
+    )
+    opt.add_argument("--meta-prompt", help="built-in template (chat, text) or a folder")
+    opt.add_argument("--seed", type=int, help="seed of the search (default 0)")
+    opt.add_argument("--json", action="store_true", help="end stdout with a JSON summary")
+    opt.set_defaults(handler=_cmd_optimize)
+
+    ev = commands.add_parser("evaluate", help="score one instruction on a split of a task")
+    ev.add_argument("task", help="task YAML")
+    ev.add_argument("--instruction", required=True, help="the instruction to score")
+    ev.add_argument(
+        "--split", choices=("train", "validation", "test"), default="test", help="default test"
+    )
+    _add_model_flags(ev, roles=("scorer",))
+    ev.add_argument("--json", action="store_true", help="print a JSON object")
+    ev.set_defaults(handler=_cmd_evaluate)
+
+    runs = commands.add_parser("runs", help="list and inspect stored runs")
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
+    listing = runs_commands.add_parser("list", help="list the runs in a run directory")
+    listing.add_argument("--run-dir", type=Path, default=Path("runs"))
+    listing.set_defaults(handler=_cmd_runs_list)
+    show = runs_commands.add_parser("show", help="a run's settings and history")
+    show.add_argument("run", help="run id (a unique prefix will do)")
+    show.add_argument("--run-dir", type=Path, default=Path("runs"))
+    show.add_argument("--json", action="store_true", help="print a JSON object")
+    show.set_defaults(handler=_cmd_runs_show)
+
+    tasks = commands.add_parser("tasks", help="work with task files")
+    tasks_commands = tasks.add_subparsers(dest="tasks_command", required=True, metavar="COMMAND")
+    validate = tasks_commands.add_parser("validate", help="check task files and their data")
+    validate.add_argument("paths", nargs="+", metavar="TASK")
+    validate.set_defaults(handler=_cmd_tasks_validate)
+    return parser
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
+    for role in roles:
+        parser.add_argument(
+            f"--{role}",
+            metavar="SPEC",
+            help=f"{role} model: 'local' (default), 'openai:MODEL' or 'PROVIDER:MODEL'",
+        )
+        parser.add_argument(
+            f"--{role}-base-url", metavar="URL", help="OpenAI-compatible server for openai:MODEL"
+        )
+    parser.add_argument("--local-model", type=Path, metavar="GGUF", help="GGUF file for 'local'")
+    parser.add_argument("--concurrency", type=_positive_int, help="requests in flight (default 8)")
+    parser.add_argument(
+        "--run-dir", type=Path, default=Path("runs"), help="where runs are stored (./runs)"
+    )
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    store = RunStore.open(args.run_dir)
+    if args.resume:
+        run = store.get_run(args.resume)
+        cli = run.config.get("cli", {})
+        task_path = args.task or run.config.get("task_path")
+        if not task_path:
+            raise ConfigError("the run has no task file; give TASK", field="--resume")
+        stored = OproSettings.from_dict(run.config["settings"])
+        settings = OproSettings.from_dict(
+            {**stored.to_dict(), "concurrency": args.concurrency or stored.concurrency}
+        )
+        optimizer_spec, scorer_spec = cli.get("optimizer", LOCAL), cli.get("scorer", LOCAL)
+        optimizer_url = args.optimizer_base_url or cli.get("optimizer_base_url")
+        scorer_url = args.scorer_base_url or cli.get("scorer_base_url")
+        local_model = args.local_model or (
+            Path(cli["local_model"]) if cli.get("local_model") else None
+        )
+        run_id: str | None = run.id
+    else:
+        if not args.task:
+            raise ConfigError("give a task YAML file, or --resume RUN", field="TASK")
+        task_path = args.task
+        settings = _settings_from_flags(args)
+        optimizer_spec, scorer_spec = args.optimizer or LOCAL, args.scorer or LOCAL
+        optimizer_url, scorer_url = args.optimizer_base_url, args.scorer_base_url
+        local_model, run_id = args.local_model, None
+    task = Task.from_yaml(task_path)
+    optimizer_options = ModelOptions(1.0, OPTIMIZER_MAX_TOKENS, optimizer_url)
+    scorer_options = ModelOptions(0.0, task.answer_max_tokens, scorer_url)
+    optimizer_model_spec = ModelSpec.parse(optimizer_spec, flag="--optimizer")
+    scorer_model_spec = ModelSpec.parse(scorer_spec, flag="--scorer")
+    with Models(log_dir=args.run_dir, local_model=local_model) as models:
+        optimizer = OproOptimizer(
+            models.chat_model(optimizer_model_spec, optimizer_options, flag="--optimizer"),
+            models.chat_model(scorer_model_spec, scorer_options, flag="--scorer"),
+            settings=settings,
+            store=store,
+            run_id=run_id,
+            run_metadata={
+                "cli": {
+                    "optimizer": optimizer_spec,
+                    "scorer": scorer_spec,
+                    "optimizer_base_url": models.identity(optimizer_model_spec, optimizer_options)[
+                        "base_url"
+                    ]
+                    if optimizer_spec != LOCAL
+                    else None,
+                    "scorer_base_url": models.identity(scorer_model_spec, scorer_options)[
+                        "base_url"
+                    ]
+                    if scorer_spec != LOCAL
+                    else None,
+                    "local_model": str(local_model) if local_model else None,
+                },
+                "models": {
+                    "optimizer": models.identity(optimizer_model_spec, optimizer_options),
+                    "scorer": models.identity(scorer_model_spec, scorer_options),
+                },
+            },
+        )
+        try:
+            result = optimizer.invoke(task)
+        except (KeyboardInterrupt, LLMCallsFailingError) as exc:
+            _print_resume_hint(optimizer.run_id, args.run_dir, exc)
+            raise
+    _print_result(result, as_json=args.json)
+    return 0
+
+
+def _settings_from_flags(args: argparse.Namespace) -> OproSettings:
+    given = {
+        "steps": args.steps,
+        "candidates_per_step": args.candidates,
+        "patience": args.patience,
+        "target_score": args.target_score,
+        "exemplar_selection": args.exemplars,
+        "meta_prompt": args.meta_prompt,
+        "seed": args.seed,
+        "concurrency": args.concurrency,
+    }
+    return OproSettings(**{k: v for k, v in given.items() if v is not None})
+
+
+def _print_resume_hint(run_id: str | None, run_dir: Path, exc: BaseException) -> None:
+    if run_id is None:
+        return
+    why = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped"
+    print(
+        f"run {run_id} {why}; everything so far is saved. Continue with: "
+        f"opro-agent optimize --resume {run_id} --run-dir {run_dir}",
+        file=sys.stderr,
+    )
+
+
+def _print_result(result: OptimizationResult, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.summary(), ensure_ascii=False))
+        return
+    scores = "  ".join(f"{name} {_fmt(value)}" for name, value in result.scores.items())
+    print(f"Best instruction (run {result.run_id}, stopped on {result.stop_reason}):")
+    print(f"  {result.best_instruction!r}")
+    print(f"Scores: {scores}")
+    for text, score in result.baselines.items():
+        print(f"Baseline {text!r}: test {_fmt(score)}")
+    if result.test_gain is not None:
+        print(f"Held-out gain over the best initial instruction: {result.test_gain:+.3f}")
+    print(
+        f"Calls: optimizer {result.calls['optimizer']}, scorer {result.calls['scorer']}; "
+        f"tokens: {result.tokens['prompt']} prompt, {result.tokens['completion']} completion; "
+        f"{result.wall_seconds:.1f} s"
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    task = Task.from_yaml(args.task)
+    spec = ModelSpec.parse(args.scorer or LOCAL, flag="--scorer")
+    options = ModelOptions(0.0, task.answer_max_tokens, args.scorer_base_url)
+    with Models(log_dir=args.run_dir, local_model=args.local_model) as models:
+        model = models.chat_model(spec, options, flag="--scorer")
+        import asyncio
+
+        scored = asyncio.run(
+            evaluate_instruction(
+                task,
+                args.instruction,
+                scorer=model,
+                split=args.split,
+                concurrency=args.concurrency or 8,
+            )
+        )
+    failed = sum(1 for r in scored.results.values() if r.error)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "task": task.name,
+                    "instruction": scored.instruction,
+                    "split": args.split,
+                    "score": scored.score,
+                    "examples": len(scored.results),
+                    "failed": failed,
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        print(
+            f"{task.name} {args.split}: {scored.score:.3f} "
+            f"({len(scored.results)} examples, {failed} failed calls)"
+        )
+    return 0
+
+
+def _cmd_runs_list(args: argparse.Namespace) -> int:
+    store = _existing_store(args.run_dir)
+    runs = store.list_runs()
+    if not runs:
+        print(f"no runs in {args.run_dir}")
+        return 0
+    print(f"{'RUN':<24} {'TASK':<24} {'STATUS':<12} {'TEST':>6}  CREATED")
+    for run in runs:
+        test = (run.summary or {}).get("scores", {}).get("test")
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.created_at))
+        print(f"{run.id:<24} {run.task:<24} {run.status:<12} {_fmt(test):>6}  {created}")
+    return 0
+
+
+def _cmd_runs_show(args: argparse.Namespace) -> int:
+    store = _existing_store(args.run_dir)
+    run = store.get_run(args.run)
+    history = store.history(run.id)
+    usage = store.usage(run.id)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "run_id": run.id,
+                    "task": run.task,
+                    "status": run.status,
+                    "config": run.config,
+                    "summary": run.summary,
+                    "usage": usage,
+                    "history": [h.__dict__ for h in history],
+                },
+                ensure_ascii=False,
+            )
+        )
+        return 0
+    print(f"run {run.id}  task {run.task}  status {run.status}")
+    models = run.config.get("models", {})
+    for role, identity in models.items():
+        print(f"{role}: {identity.get('spec')}")
+    print(
+        f"calls: optimizer {usage['optimizer_calls']}, scorer {usage['scorer_calls']}; "
+        f"tokens: {usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion"
+    )
+    print(f"{'STEP':>4} {'ORIGIN':<9} {'TRAIN':>6} {'VALID':>6} {'TEST':>6}  INSTRUCTION")
+    for h in history:
+        print(
+            f"{h.step:>4} {h.origin:<9} {_fmt(h.train):>6} {_fmt(h.validation):>6} "
+            f"{_fmt(h.test):>6}  {h.instruction!r}"
+        )
+    if run.summary:
+        print(f"best: {run.summary.get('best_instruction')!r}")
+    return 0
+
+
+def _existing_store(run_dir: Path) -> RunStore:
+    if not (run_dir / "opro.db").is_file():
+        raise ConfigError(f"no run store in {run_dir}", field="--run-dir")
+    return RunStore.open(run_dir)
+
+
+def _cmd_tasks_validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.paths:
+        try:
+            task = Task.from_yaml(path)
+        except ConfigError as exc:
+            failed += 1
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        splits = task.splits()
+        print(
+            f"ok: {path}: {task.name}, {len(task.examples)} examples "
+            f"(train {len(splits.train)}, validation {len(splits.validation)}, "
+            f"test {len(splits.test)}), metric {task.metric_name}"
+        )
+    return 2 if failed else 0
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+def _configure_logging(*, as_json: bool, quiet: bool) -> None:
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.WARNING if quiet else logging.INFO
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(as_json=args.log_json, quiet=args.quiet)
+    signal.signal(signal.SIGTERM, _interrupt)  # a polite kill stops like Ctrl-C: cleanly
+    try:
+        code: int = args.handler(args)
+        return code
+    except ConfigError as exc:
+        print(f"opro-agent: error: {exc}", file=sys.stderr)
+        return 2
+    except OproError as exc:
+        print(f"opro-agent: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("opro-agent: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

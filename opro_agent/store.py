@@ -1,0 +1,343 @@
+"""The run store: one SQLite database per run directory, every call persisted as it happens.
+
+Each optimizer output and each scorer result is committed the moment it arrives, so a crash,
+Ctrl-C or dead server leaves a consistent run; resuming replays the loop and reuses every
+stored result instead of paying for the call again. The schema grows through MIGRATIONS.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opro_agent.errors import RunStoreError
+
+__all__ = [
+    "DB_FILENAME",
+    "Evaluation",
+    "HistoryRow",
+    "OptimizerCall",
+    "RunInfo",
+    "RunStore",
+]
+
+DB_FILENAME = "opro.db"
+
+# Append only: each entry runs once, in order, and bumps PRAGMA user_version.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        task TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        status TEXT NOT NULL,
+        config TEXT NOT NULL,
+        summary TEXT
+    );
+    CREATE TABLE sessions (
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        status TEXT NOT NULL
+    );
+    CREATE TABLE optimizer_calls (
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        step INTEGER NOT NULL,
+        idx INTEGER NOT NULL,
+        output TEXT,
+        error TEXT,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (run_id, step, idx)
+    );
+    CREATE TABLE instructions (
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        key TEXT NOT NULL,
+        text TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        origin TEXT NOT NULL,
+        PRIMARY KEY (run_id, key)
+    );
+    CREATE TABLE evaluations (
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        instruction_key TEXT NOT NULL,
+        split TEXT NOT NULL,
+        example_id TEXT NOT NULL,
+        prediction TEXT,
+        score REAL NOT NULL,
+        error TEXT,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        latency REAL NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (run_id, instruction_key, example_id)
+    );
+    """,
+)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    id: str
+    task: str
+    created_at: float
+    status: str
+    config: Mapping[str, Any]
+    summary: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class OptimizerCall:
+    output: str | None
+    error: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    example_id: str
+    split: str
+    prediction: str | None
+    score: float
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency: float = 0.0
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    step: int
+    origin: str
+    instruction: str
+    train: float | None
+    validation: float | None
+    test: float | None
+
+
+class RunStore:
+    """SQLite-backed record of runs. Use `RunStore.open(run_dir)`; `":memory:"` for throwaway."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        try:
+            # Committed rows must survive the process; one writer (the event loop thread).
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise RunStoreError(f"{self.path}: cannot open the run store: {exc}") from None
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._migrate()
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> RunStore:
+        directory = Path(run_dir)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunStoreError(f"{directory}: cannot create the run directory: {exc}") from None
+        return cls(directory / DB_FILENAME)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _migrate(self) -> None:
+        version: int = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise RunStoreError(f"{self.path}: written by a newer opro-agent (schema {version})")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            self._db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def create_run(self, task: str, config: Mapping[str, Any]) -> str:
+        run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        self._db.execute(
+            "INSERT INTO runs (id, task, created_at, status, config) VALUES (?, ?, ?, ?, ?)",
+            (run_id, task, time.time(), "running", json.dumps(config, ensure_ascii=False)),
+        )
+        return run_id
+
+    def get_run(self, run_id: str) -> RunInfo:
+        row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            matches = self._db.execute(
+                "SELECT * FROM runs WHERE id LIKE ? ORDER BY created_at", (run_id + "%",)
+            ).fetchall()
+            if len(matches) != 1:
+                raise RunStoreError(f"no run {run_id!r} in {self.path}")
+            row = matches[0]
+        return _run_info(row)
+
+    def list_runs(self) -> list[RunInfo]:
+        rows = self._db.execute("SELECT * FROM runs ORDER BY created_at").fetchall()
+        return [_run_info(row) for row in rows]
+
+    def set_status(
+        self, run_id: str, status: str, summary: Mapping[str, Any] | None = None
+    ) -> None:
+        if summary is None:
+            self._db.execute("UPDATE runs SET status = ? WHERE id = ?", (status, run_id))
+        else:
+            self._db.execute(
+                "UPDATE runs SET status = ?, summary = ? WHERE id = ?",
+                (status, json.dumps(summary, ensure_ascii=False), run_id),
+            )
+
+    def start_session(self, run_id: str) -> int:
+        cursor = self._db.execute(
+            "INSERT INTO sessions (run_id, started_at, status) VALUES (?, ?, 'running')",
+            (run_id, time.time()),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def end_session(self, session: int, status: str) -> None:
+        self._db.execute(
+            "UPDATE sessions SET ended_at = ?, status = ? WHERE rowid = ?",
+            (time.time(), status, session),
+        )
+
+    # -- optimizer calls ------------------------------------------------------------------------
+
+    def optimizer_call(self, run_id: str, step: int, idx: int) -> OptimizerCall | None:
+        """A stored successful optimizer output; failed calls are retried, so not returned."""
+        row = self._db.execute(
+            "SELECT * FROM optimizer_calls WHERE run_id = ? AND step = ? AND idx = ?"
+            " AND error IS NULL",
+            (run_id, step, idx),
+        ).fetchone()
+        if row is None:
+            return None
+        return OptimizerCall(row["output"], None, row["prompt_tokens"], row["completion_tokens"])
+
+    def record_optimizer_call(self, run_id: str, step: int, idx: int, call: OptimizerCall) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO optimizer_calls VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run_id,
+                step,
+                idx,
+                call.output,
+                call.error,
+                call.prompt_tokens,
+                call.completion_tokens,
+                time.time(),
+            ),
+        )
+
+    # -- instructions and evaluations -------------------------------------------------------------
+
+    def add_instruction(self, run_id: str, key: str, text: str, step: int, origin: str) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO instructions VALUES (?, ?, ?, ?, ?)",
+            (run_id, key, text, step, origin),
+        )
+
+    def evaluations(self, run_id: str, instruction_key: str) -> dict[str, Evaluation]:
+        """Successful stored results of one instruction, by example id."""
+        rows = self._db.execute(
+            "SELECT * FROM evaluations WHERE run_id = ? AND instruction_key = ? AND error IS NULL",
+            (run_id, instruction_key),
+        ).fetchall()
+        return {row["example_id"]: _evaluation(row) for row in rows}
+
+    def record_evaluation(self, run_id: str, instruction_key: str, result: Evaluation) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run_id,
+                instruction_key,
+                result.split,
+                result.example_id,
+                result.prediction,
+                result.score,
+                result.error,
+                result.prompt_tokens,
+                result.completion_tokens,
+                result.latency,
+                time.time(),
+            ),
+        )
+
+    def iter_evaluations(self, run_id: str) -> Iterator[tuple[str, Evaluation]]:
+        rows = self._db.execute("SELECT * FROM evaluations WHERE run_id = ?", (run_id,))
+        for row in rows:
+            yield row["instruction_key"], _evaluation(row)
+
+    # -- reports ----------------------------------------------------------------------------------
+
+    def history(self, run_id: str) -> list[HistoryRow]:
+        """Every instruction of a run with its mean score per split, in the order found."""
+        rows = self._db.execute(
+            """
+            SELECT i.step, i.origin, i.text,
+                   AVG(CASE WHEN e.split = 'train' THEN e.score END) AS train,
+                   AVG(CASE WHEN e.split = 'validation' THEN e.score END) AS validation,
+                   AVG(CASE WHEN e.split = 'test' THEN e.score END) AS test
+            FROM instructions i
+            LEFT JOIN evaluations e ON e.run_id = i.run_id AND e.instruction_key = i.key
+            WHERE i.run_id = ?
+            GROUP BY i.key
+            ORDER BY i.step, i.rowid
+            """,
+            (run_id,),
+        ).fetchall()
+        return [
+            HistoryRow(r["step"], r["origin"], r["text"], r["train"], r["validation"], r["test"])
+            for r in rows
+        ]
+
+    def usage(self, run_id: str) -> dict[str, int]:
+        """Calls made and tokens spent by a run (failed attempts included: they were paid)."""
+        opt = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0)"
+            " FROM optimizer_calls WHERE run_id = ?",
+            (run_id,),
+        ).fetchone()
+        sc = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0)"
+            " FROM evaluations WHERE run_id = ?",
+            (run_id,),
+        ).fetchone()
+        return {
+            "optimizer_calls": opt[0],
+            "scorer_calls": sc[0],
+            "prompt_tokens": opt[1] + sc[1],
+            "completion_tokens": opt[2] + sc[2],
+        }
+
+    def failed_evaluations(self, run_id: str) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM evaluations WHERE run_id = ? AND error IS NOT NULL", (run_id,)
+        ).fetchone()
+        return int(row[0])
+
+
+def _run_info(row: sqlite3.Row) -> RunInfo:
+    summary = json.loads(row["summary"]) if row["summary"] else None
+    return RunInfo(
+        row["id"], row["task"], row["created_at"], row["status"], json.loads(row["config"]), summary
+    )
+
+
+def _evaluation(row: sqlite3.Row) -> Evaluation:
+    return Evaluation(
+        example_id=row["example_id"],
+        split=row["split"],
+        prediction=row["prediction"],
+        score=row["score"],
+        error=row["error"],
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        latency=row["latency"],
+    )
