@@ -200,7 +200,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         try:
             result = optimizer.invoke(task)
         except (KeyboardInterrupt, LLMCallsFailingError) as exc:
-            _print_resume_hint(optimizer.run_id, args.run_dir, exc)
+            _print_resume_hint(optimizer.last_run_id, args.run_dir, exc)
             raise
     _print_result(result, as_json=args.json)
     return 0

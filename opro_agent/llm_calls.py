@@ -53,7 +53,11 @@ class Caller:
         self._runnable = runnable.with_retry(
             stop_after_attempt=retry.attempts,
             wait_exponential_jitter=True,
-            exponential_jitter_params={"initial": retry.initial_wait, "max": retry.max_wait},
+            exponential_jitter_params={
+                "initial": retry.initial_wait,
+                "max": retry.max_wait,
+                "jitter": retry.initial_wait,
+            },
         )
 
     async def __call__(

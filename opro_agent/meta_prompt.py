@@ -15,7 +15,13 @@ from opro_agent.errors import ConfigError
 from opro_agent.prompts import InstructionPosition, scorer_prompt
 from opro_agent.task import Example
 
-__all__ = ["MetaPromptTemplate", "ScoredInstruction", "builtin_template_dir", "score_bucket"]
+__all__ = [
+    "MetaPromptTemplate",
+    "ScoredInstruction",
+    "builtin_template_dir",
+    "exemplar_prompt",
+    "score_bucket",
+]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _FILES = ("meta_prompt.txt", "history_item.txt", "exemplar.txt", "tag.txt")
@@ -113,10 +119,14 @@ class MetaPromptTemplate:
 
 
 def exemplar_prompt(
-    example: Example, position: InstructionPosition, input_fields: Sequence[str]
+    example: Example,
+    position: InstructionPosition,
+    input_fields: Sequence[str],
+    *,
+    placeholder: str = "<INS>",
 ) -> str:
-    """The scorer prompt for `example` with `<INS>` where the instruction goes."""
-    messages = scorer_prompt("<INS>", position, input_fields).format_messages(**example.inputs)
+    """The scorer prompt for `example` with `placeholder` where the instruction goes."""
+    messages = scorer_prompt(placeholder, position, input_fields).format_messages(**example.inputs)
     if len(messages) == 1:
         return str(messages[0].content)
     return get_buffer_string(messages, human_prefix="User")

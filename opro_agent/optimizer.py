@@ -179,6 +179,7 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
         self.template = MetaPromptTemplate.load(self.settings.meta_prompt)
         self.store = store
         self.run_id = run_id
+        self.last_run_id: str | None = None  # the run the latest invoke made or resumed
         self.run_metadata = dict(run_metadata or {})
 
     def compile(self, task: Task) -> OptimizationResult:
@@ -221,7 +222,7 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
                 )
             if run.config.get("settings") != self.settings.to_dict():
                 raise RunStoreError(f"run {run.id} was made with different optimizer settings")
-            self.run_id = run.id
+            self.last_run_id = run.id
             return run.id
         config = {
             "task_path": task.source,
@@ -230,8 +231,8 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
             "target_kind": self.target_kind,
             **self.run_metadata,
         }
-        self.run_id = store.create_run(task.name, config)
-        return self.run_id
+        self.last_run_id = store.create_run(task.name, config)
+        return self.last_run_id
 
 
 class _Run:
@@ -299,7 +300,12 @@ class _Run:
         history = [ScoredInstruction(c.text, c.train) for c in self.candidates.values()]
         exemplars = [
             (
-                exemplar_prompt(e, self.task.instruction_position, self.task.input_fields),
+                exemplar_prompt(
+                    e,
+                    self.task.instruction_position,
+                    self.task.input_fields,
+                    placeholder=f"<{self.template.tag}>",
+                ),
                 e.target,
             )
             for e in self._exemplars(step, train)

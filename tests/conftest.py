@@ -1,0 +1,85 @@
+"""Shared fixtures: a yes/no task and scripted optimizer/scorer models whose behaviour
+depends on the instruction, so the loop has something real to find."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+from langchain_core.messages import BaseMessage
+
+from opro_agent import OproSettings, RetryPolicy, SplitSpec, Task
+from tests.fakes import ScriptedChatModel
+
+FACTS = [(f"Is {n} an even number?", "yes" if n % 2 == 0 else "no") for n in range(60)]
+TRUTH = dict(FACTS)
+
+# What the fake optimizer proposes, by step; index = candidate number in the step.
+OPTIMIZER_SCRIPT: dict[int, list[str]] = {
+    1: [
+        "<INS>Think about it.</INS>",
+        "I am not sure what to write.",  # unparseable
+        "<INS>think about it</INS>",  # duplicate of the first (case, punctuation)
+        "<INS>" + "very long " * 60 + "</INS>",  # over 500 characters
+    ],
+    2: [
+        "**<INS>Answer with yes or no.</INS>**",
+        "<INS>Think about it carefully.</INS>",
+        "<INS></INS>",  # empty
+        "<INS>Be brief",  # missing closing tag
+    ],
+}
+
+
+def optimizer_reply(messages: Sequence[BaseMessage], metadata: Mapping[str, Any]) -> str:
+    step, idx = metadata["opro_step"], metadata["opro_candidate"]
+    script = OPTIMIZER_SCRIPT.get(step)
+    if script is None:
+        return f"<INS>Reply yes or no, variant {step}.{idx}.</INS>"
+    return script[idx % len(script)]
+
+
+def scorer_reply(messages: Sequence[BaseMessage], metadata: Mapping[str, Any]) -> str:
+    """Right when told the format; half right when told to think; otherwise rambles."""
+    prompt = "\n".join(m.text for m in messages)
+    question = next(q for q in TRUTH if q in prompt)
+    truth = TRUTH[question]
+    lowered = prompt.lower()
+    if "yes or no" in lowered:
+        return truth.capitalize() + "."
+    if "think" in lowered:
+        return truth if zlib.crc32(question.encode()) % 2 else "Hmm, it depends."
+    return "That is an interesting question."
+
+
+@pytest.fixture
+def yes_no_task() -> Task:
+    return Task.from_records(
+        "even_numbers",
+        [{"input": q, "target": a} for q, a in FACTS],
+        metric="boolean",
+        instruction_position="Q_begin",
+        split=SplitSpec(train=20, validation=10, test=30, seed=1),
+    )
+
+
+@pytest.fixture
+def optimizer_model() -> ScriptedChatModel:
+    return ScriptedChatModel(respond=optimizer_reply, name_for_usage="fake-optimizer")
+
+
+@pytest.fixture
+def scorer_model() -> ScriptedChatModel:
+    return ScriptedChatModel(respond=scorer_reply, name_for_usage="fake-scorer")
+
+
+@pytest.fixture
+def fast_settings() -> OproSettings:
+    return OproSettings(
+        steps=3,
+        candidates_per_step=4,
+        concurrency=4,
+        retry=RetryPolicy(attempts=2, initial_wait=0.001, max_wait=0.002),
+    )
