@@ -391,8 +391,9 @@ def _configure_logging(*, as_json: bool, quiet: bool) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.WARNING if quiet else logging.INFO
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # Resolve stderr per logger: it may be replaced after configuration (tests, wrappers).
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
+        cache_logger_on_first_use=False,
     )
 
 
