@@ -11,7 +11,15 @@ __all__ = ["dedupe_key", "instruction_key", "normalise_instruction", "parse_inst
 
 _FENCE_RE = re.compile(r"^```[\w-]*\s*|\s*```$")
 _LABEL_RE = re.compile(r"^(?:new\s+)?(?:instruction|prompt|text)\s*[:\-]\s*", re.IGNORECASE)
-_QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb"
+_QUOTE_PAIRS = {
+    '"': '"',
+    "'": "'",
+    "`": "`",
+    "\u201c": "\u201d",
+    "\u2018": "\u2019",
+    "\u00ab": "\u00bb",
+}
+_TAG_RE = re.compile(r"</?[A-Za-z][\w-]*>")
 
 
 def parse_instruction(output: str, tag: str) -> str | None:
@@ -26,9 +34,10 @@ def parse_instruction(output: str, tag: str) -> str | None:
     if closed:
         found = closed.group(1)
     elif (opened := re.search(rf"<{tags}>", text, re.IGNORECASE)) is not None:
-        found = re.split(r"\n\s*\n|<", text[opened.end() :], maxsplit=1)[0]
+        # Up to a blank line or the next tag; a bare "<" (as in "a < b") is kept.
+        found = re.split(rf"\n\s*\n|{_TAG_RE.pattern}", text[opened.end() :], maxsplit=1)[0]
     elif (closing := re.search(rf"</{tags}>", text, re.IGNORECASE)) is not None:
-        found = re.split(r"\n\s*\n|>", text[: closing.start()])[-1]
+        found = re.split(rf"\n\s*\n|{_TAG_RE.pattern}", text[: closing.start()])[-1]
     else:
         return None
     instruction = normalise_instruction(found)
@@ -41,7 +50,13 @@ def normalise_instruction(text: str) -> str:
     text = _FENCE_RE.sub("", text).strip()
     text = text.replace("**", "").replace("__", "")
     text = _LABEL_RE.sub("", text)
-    while len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
+    # Unwrap quotes only around the whole text: '"Yes" if true, else "No"' keeps its quotes.
+    while (
+        len(text) >= 2
+        and _QUOTE_PAIRS.get(text[0]) == text[-1]
+        and text[0] not in text[1:-1]
+        and text[-1] not in text[1:-1]
+    ):
         text = text[1:-1].strip()
     lines = [" ".join(line.split()) for line in text.splitlines()]
     return "\n".join(line for line in lines if line).strip()

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -16,14 +17,15 @@ from typing import Any, NoReturn
 import structlog
 
 from opro_agent.errors import ConfigError, LLMCallsFailingError, OproError
+from opro_agent.meta_prompt import MetaPromptTemplate
 from opro_agent.optimizer import (
     OproOptimizer,
     OproSettings,
     OptimizationResult,
     evaluate_instruction,
 )
-from opro_agent.providers import LOCAL, ModelOptions, Models, ModelSpec
-from opro_agent.store import RunStore
+from opro_agent.providers import LOCAL, ModelOptions, Models, ModelSpec, redact_url
+from opro_agent.store import DB_FILENAME, RunStore
 from opro_agent.task import Task
 
 __all__ = ["main"]
@@ -48,9 +50,13 @@ def _positive_int(text: str) -> int:
 
 
 def _non_negative_int(text: str) -> int:
-    if text.strip() == "0":
-        return 0
-    return _positive_int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -136,66 +142,92 @@ def _add_model_flags(parser: argparse.ArgumentParser, roles: Sequence[str]) -> N
 # -- commands ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _OptimizeJob:
+    """What `optimize` runs: from the flags, or from a stored run when resuming."""
+
+    task_path: str
+    settings: OproSettings
+    optimizer: str
+    scorer: str
+    optimizer_url: str | None
+    scorer_url: str | None
+    local_model: Path | None
+    resume: str | None
+
+    def run_metadata(self) -> dict[str, Any]:
+        return {
+            "cli": {
+                "optimizer": self.optimizer,
+                "scorer": self.scorer,
+                "optimizer_base_url": redact_url(self.optimizer_url),
+                "scorer_base_url": redact_url(self.scorer_url),
+                "local_model": str(self.local_model) if self.local_model else None,
+            }
+        }
+
+
+def _job_from_flags(args: argparse.Namespace) -> _OptimizeJob:
+    if not args.task:
+        raise ConfigError("give a task YAML file, or --resume RUN", field="TASK")
+    return _OptimizeJob(
+        task_path=args.task,
+        settings=_settings_from_flags(args),
+        optimizer=args.optimizer or LOCAL,
+        scorer=args.scorer or LOCAL,
+        optimizer_url=args.optimizer_base_url,
+        scorer_url=args.scorer_base_url,
+        local_model=args.local_model,
+        resume=None,
+    )
+
+
+def _job_from_run(store: RunStore, args: argparse.Namespace) -> _OptimizeJob:
+    run = store.get_run(args.resume)
+    stored = run.config.get("cli", {})
+    task_path = args.task or run.config.get("task_path")
+    if not task_path:
+        raise ConfigError("the run has no task file; give TASK", field="--resume")
+    settings = OproSettings.from_dict(run.config["settings"])
+    if args.concurrency:  # the only setting that cannot change the result
+        settings = OproSettings.from_dict({**settings.to_dict(), "concurrency": args.concurrency})
+    local_model = args.local_model or stored.get("local_model")
+    return _OptimizeJob(
+        task_path=task_path,
+        settings=settings,
+        optimizer=stored.get("optimizer", LOCAL),
+        scorer=stored.get("scorer", LOCAL),
+        optimizer_url=args.optimizer_base_url or stored.get("optimizer_base_url"),
+        scorer_url=args.scorer_base_url or stored.get("scorer_base_url"),
+        local_model=Path(local_model) if local_model else None,
+        resume=run.id,
+    )
+
+
 def _cmd_optimize(args: argparse.Namespace) -> int:
-    store = RunStore.open(args.run_dir)
-    if args.resume:
-        run = store.get_run(args.resume)
-        cli = run.config.get("cli", {})
-        task_path = args.task or run.config.get("task_path")
-        if not task_path:
-            raise ConfigError("the run has no task file; give TASK", field="--resume")
-        stored = OproSettings.from_dict(run.config["settings"])
-        settings = OproSettings.from_dict(
-            {**stored.to_dict(), "concurrency": args.concurrency or stored.concurrency}
-        )
-        optimizer_spec, scorer_spec = cli.get("optimizer", LOCAL), cli.get("scorer", LOCAL)
-        optimizer_url = args.optimizer_base_url or cli.get("optimizer_base_url")
-        scorer_url = args.scorer_base_url or cli.get("scorer_base_url")
-        local_model = args.local_model or (
-            Path(cli["local_model"]) if cli.get("local_model") else None
-        )
-        run_id: str | None = run.id
-    else:
-        if not args.task:
-            raise ConfigError("give a task YAML file, or --resume RUN", field="TASK")
-        task_path = args.task
-        settings = _settings_from_flags(args)
-        optimizer_spec, scorer_spec = args.optimizer or LOCAL, args.scorer or LOCAL
-        optimizer_url, scorer_url = args.optimizer_base_url, args.scorer_base_url
-        local_model, run_id = args.local_model, None
-    task = Task.from_yaml(task_path)
-    optimizer_options = ModelOptions(1.0, OPTIMIZER_MAX_TOKENS, optimizer_url)
-    scorer_options = ModelOptions(0.0, task.answer_max_tokens, scorer_url)
-    optimizer_model_spec = ModelSpec.parse(optimizer_spec, flag="--optimizer")
-    scorer_model_spec = ModelSpec.parse(scorer_spec, flag="--scorer")
-    with Models(log_dir=args.run_dir, local_model=local_model) as models:
+    store = _existing_store(args.run_dir, resume=args.resume) if args.resume else None
+    job = _job_from_run(store, args) if store is not None else _job_from_flags(args)
+    task = Task.from_yaml(job.task_path)
+    # Everything that can be wrong with the input is found before a model server starts.
+    MetaPromptTemplate.load(job.settings.meta_prompt)
+    optimizer_spec = ModelSpec.parse(job.optimizer, flag="--optimizer")
+    scorer_spec = ModelSpec.parse(job.scorer, flag="--scorer")
+    optimizer_options = ModelOptions(1.0, OPTIMIZER_MAX_TOKENS, job.optimizer_url)
+    scorer_options = ModelOptions(0.0, task.answer_max_tokens, job.scorer_url)
+    store = store or RunStore.open(args.run_dir)
+    with Models(log_dir=args.run_dir, local_model=job.local_model) as models:
+        metadata = job.run_metadata()
+        metadata["models"] = {
+            "optimizer": models.identity(optimizer_spec, optimizer_options),
+            "scorer": models.identity(scorer_spec, scorer_options),
+        }
         optimizer = OproOptimizer(
-            models.chat_model(optimizer_model_spec, optimizer_options, flag="--optimizer"),
-            models.chat_model(scorer_model_spec, scorer_options, flag="--scorer"),
-            settings=settings,
+            models.chat_model(optimizer_spec, optimizer_options, flag="--optimizer"),
+            models.chat_model(scorer_spec, scorer_options, flag="--scorer"),
+            settings=job.settings,
             store=store,
-            run_id=run_id,
-            run_metadata={
-                "cli": {
-                    "optimizer": optimizer_spec,
-                    "scorer": scorer_spec,
-                    "optimizer_base_url": models.identity(optimizer_model_spec, optimizer_options)[
-                        "base_url"
-                    ]
-                    if optimizer_spec != LOCAL
-                    else None,
-                    "scorer_base_url": models.identity(scorer_model_spec, scorer_options)[
-                        "base_url"
-                    ]
-                    if scorer_spec != LOCAL
-                    else None,
-                    "local_model": str(local_model) if local_model else None,
-                },
-                "models": {
-                    "optimizer": models.identity(optimizer_model_spec, optimizer_options),
-                    "scorer": models.identity(scorer_model_spec, scorer_options),
-                },
-            },
+            run_id=job.resume,
+            run_metadata=metadata,
         )
         try:
             result = optimizer.invoke(task)
@@ -348,8 +380,10 @@ def _cmd_runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _existing_store(run_dir: Path) -> RunStore:
-    if not (run_dir / "opro.db").is_file():
+def _existing_store(run_dir: Path, *, resume: str | None = None) -> RunStore:
+    if not (run_dir / DB_FILENAME).is_file():
+        if resume:
+            raise ConfigError(f"no run {resume!r}: {run_dir} holds no runs", field="--resume")
         raise ConfigError(f"no run store in {run_dir}", field="--run-dir")
     return RunStore.open(run_dir)
 

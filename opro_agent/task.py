@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 import re
@@ -105,7 +106,7 @@ class Task:
         **settings: Any,
     ) -> Task:
         """Build a task in code from dicts; `metric` is a built-in name or any callable."""
-        fields = _input_fields(input, source=None, field_name="input")
+        fields = _input_fields(input, target=target, source=None, field_name="input")
         examples = _examples(list(records), fields, target, source=None)
         if isinstance(metric, str):
             metric_fn, metric_name = get_metric(metric), metric
@@ -213,7 +214,7 @@ class Task:
         if train < 1:
             raise ConfigError("the train split is empty", source=src, field="split.train")
         if test is None:
-            test = n - train - validation
+            test = max(0, n - train - validation)
         if train + validation + test > n:
             raise ConfigError(
                 f"train+validation+test = {train + validation + test} but the task has "
@@ -272,7 +273,9 @@ def _require(raw: Mapping[str, Any], key: str, kind: type, src: str, prefix: str
     return value
 
 
-def _input_fields(value: Any, *, source: str | None, field_name: str) -> tuple[str, ...]:
+def _input_fields(
+    value: Any, *, target: str, source: str | None, field_name: str
+) -> tuple[str, ...]:
     fields = [value] if isinstance(value, str) else value
     if not isinstance(fields, list | tuple) or not fields:
         raise ConfigError("must be a field name or a list of them", source=source, field=field_name)
@@ -283,6 +286,10 @@ def _input_fields(value: Any, *, source: str | None, field_name: str) -> tuple[s
                 source=source,
                 field=field_name,
             )
+    if target in fields:
+        raise ConfigError(
+            f"{target!r} is the target; it cannot also be an input", source=source, field=field_name
+        )
     return tuple(fields)
 
 
@@ -331,10 +338,12 @@ def _load_data(raw: Any, base: Path, src: str) -> tuple[tuple[str, ...], tuple[E
         raise ConfigError("must be a mapping with path, input, target", source=src, field="data")
     _reject_unknown(raw, _DATA_FIELDS, src, "data.")
     rel = _require(raw, "path", str, src, "data.")
-    fields = _input_fields(raw.get("input", "input"), source=src, field_name="data.input")
     target = raw.get("target", "target")
     if not isinstance(target, str):
         raise ConfigError("must be a field name", source=src, field="data.target")
+    fields = _input_fields(
+        raw.get("input", "input"), target=target, source=src, field_name="data.input"
+    )
     data_path = (base / rel).resolve()
     data_src = str(data_path)
     suffix = data_path.suffix.lower()
@@ -347,7 +356,7 @@ def _load_data(raw: Any, base: Path, src: str) -> tuple[tuple[str, ...], tuple[E
     if "records" in raw and suffix != ".json":
         raise ConfigError("only applies to .json files", source=src, field="data.records")
     try:
-        text = data_path.read_text(encoding="utf-8")
+        text = data_path.read_text(encoding="utf-8-sig")  # a BOM from spreadsheet exports
     except FileNotFoundError:
         raise ConfigError(f"no such file {data_src}", source=src, field="data.path") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -359,7 +368,8 @@ def _load_data(raw: Any, base: Path, src: str) -> tuple[tuple[str, ...], tuple[E
 def _parse_records(text: str, suffix: str, records_key: Any, data_src: str, src: str) -> list[Any]:
     if suffix == ".jsonl":
         records = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Only "\n" ends a JSON line; str.splitlines() would also split at U+2028 inside strings.
+        for number, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -369,7 +379,9 @@ def _parse_records(text: str, suffix: str, records_key: Any, data_src: str, src:
                     ) from None
         return records
     if suffix in {".csv", ".tsv"}:
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        reader = csv.DictReader(
+            io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","
+        )
         try:
             return list(reader)
         except csv.Error as exc:

@@ -64,8 +64,16 @@ def test_optimize_prints_a_json_summary_consistent_with_the_store(
 ) -> None:
     run_dir = tmp_path / "runs"
     code, out, _ = _run(
-        capsys, "optimize", str(task_file), "--steps", "3", "--candidates", "4",
-        "--run-dir", str(run_dir), "--json",
+        capsys,
+        "optimize",
+        str(task_file),
+        "--steps",
+        "3",
+        "--candidates",
+        "4",
+        "--run-dir",
+        str(run_dir),
+        "--json",
     )
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
@@ -95,7 +103,7 @@ def test_optimize_prints_a_json_summary_consistent_with_the_store(
         capsys, "runs", "show", summary["run_id"], "--run-dir", str(run_dir), "--json"
     )
     shown = json.loads(out)
-    assert [h["instruction"] for h in shown["history"]][0] == "Let's solve the problem."
+    assert shown["history"][0]["instruction"] == "Let's solve the problem."
 
 
 def test_human_readable_report(
@@ -155,8 +163,14 @@ def test_ctrl_c_then_resume_from_the_cli(
     shutil.copy(task_file.parent / "facts.jsonl", moved / "facts.jsonl")
     monkeypatch.setattr(Models, "chat_model", original)
     code, out, _ = _run(
-        capsys, "optimize", "--resume", run_id, str(moved / "even.yaml"),
-        "--run-dir", str(run_dir), "--json",
+        capsys,
+        "optimize",
+        "--resume",
+        run_id,
+        str(moved / "even.yaml"),
+        "--run-dir",
+        str(run_dir),
+        "--json",
     )
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
@@ -173,14 +187,27 @@ def test_evaluate_scores_one_instruction(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     code, out, _ = _run(
-        capsys, "evaluate", str(task_file), "--instruction", "Answer with yes or no.",
-        "--json", "--run-dir", str(tmp_path),
+        capsys,
+        "evaluate",
+        str(task_file),
+        "--instruction",
+        "Answer with yes or no.",
+        "--json",
+        "--run-dir",
+        str(tmp_path),
     )
     assert code == 0
     result = json.loads(out)
     assert result["score"] == 1.0 and result["examples"] == 30 and result["split"] == "test"
     code, out, _ = _run(
-        capsys, "evaluate", str(task_file), "--instruction", "Hello", "--split", "train",
-        "--run-dir", str(tmp_path),
+        capsys,
+        "evaluate",
+        str(task_file),
+        "--instruction",
+        "Hello",
+        "--split",
+        "train",
+        "--run-dir",
+        str(tmp_path),
     )
     assert code == 0 and out.startswith("even_numbers train: 0.000 (20 examples")

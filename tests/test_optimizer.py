@@ -173,7 +173,7 @@ def test_dead_scorer_stops_the_run_with_a_clear_error_and_loses_nothing(
         settings=fast_settings,
         store=store,
     )
-    with pytest.raises(LLMCallsFailingError, match="scorer calls failed.*ConnectionError"):
+    with pytest.raises(LLMCallsFailingError, match=r"scorer calls failed.*ConnectionError"):
         optimizer.invoke(yes_no_task)
     assert optimizer.last_run_id is not None
     assert store.get_run(optimizer.last_run_id).status == "failed"
@@ -247,9 +247,7 @@ def _exemplar_questions(prompt: str) -> list[str]:
 
 
 @pytest.mark.parametrize("selection", ["random", "constant", "most_wrong"])
-def test_exemplar_selection(
-    yes_no_task: Task, fast_settings: OproSettings, selection: str
-) -> None:
+def test_exemplar_selection(yes_no_task: Task, fast_settings: OproSettings, selection: str) -> None:
     settings = OproSettings.from_dict(
         {**fast_settings.to_dict(), "exemplar_selection": selection, "candidates_per_step": 1}
     )
@@ -357,8 +355,10 @@ def test_the_optimizer_is_a_runnable_step_sync_and_async(
     fast_settings: OproSettings,
 ) -> None:
     optimizer = OproOptimizer(optimizer_model, scorer_model, settings=fast_settings)
-    pipeline = RunnableLambda(lambda name: yes_no_task) | optimizer | RunnableLambda(
-        lambda result: result.best_instruction
+    pipeline = (
+        RunnableLambda(lambda name: yes_no_task)
+        | optimizer
+        | RunnableLambda(lambda result: result.best_instruction)
     )
     assert pipeline.invoke("even_numbers") == "Answer with yes or no."
     assert asyncio.run(pipeline.ainvoke("even_numbers")) == "Answer with yes or no."

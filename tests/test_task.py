@@ -53,7 +53,11 @@ FORMATS = {
     "jsonl": ("d.jsonl", "\n".join(json.dumps(r) for r in RECORDS) + "\n\n", "  path: d.jsonl\n"),
     "csv": ("d.csv", _delimited(RECORDS, ","), "  path: d.csv\n"),
     "tsv": ("d.tsv", _delimited(RECORDS, "\t"), "  path: d.tsv\n"),
-    "upper-case-suffix": ("D.JSONL", "\n".join(json.dumps(r) for r in RECORDS), "  path: D.JSONL\n"),
+    "upper-case-suffix": (
+        "D.JSONL",
+        "\n".join(json.dumps(r) for r in RECORDS),
+        "  path: D.JSONL\n",
+    ),
 }
 
 
@@ -68,7 +72,10 @@ def test_loads_each_data_format(tmp_path: Path, fmt: str) -> None:
     assert task.input_fields == ("question", "options")
     assert [e.id for e in task.examples] == ["0", "1", "2", "3", "4"]
     for example, record in zip(task.examples, RECORDS, strict=True):
-        assert dict(example.inputs) == {"question": record["question"], "options": record["options"]}
+        assert dict(example.inputs) == {
+            "question": record["question"],
+            "options": record["options"],
+        }
         assert example.target == record["answer"]
         assert task.question(example) == f"{record['question']}\n{record['options']}"
     assert task.source == str((tmp_path / "task.yaml").resolve())
@@ -76,7 +83,9 @@ def test_loads_each_data_format(tmp_path: Path, fmt: str) -> None:
 
 def test_data_path_is_relative_to_the_task_file(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "sub").mkdir()
-    _write(tmp_path / "sub", {"d.json": json.dumps(RECORDS), "t.yaml": _task_yaml("  path: d.json\n")})
+    _write(
+        tmp_path / "sub", {"d.json": json.dumps(RECORDS), "t.yaml": _task_yaml("  path: d.json\n")}
+    )
     monkeypatch.chdir(tmp_path)
     assert len(Task.from_yaml("sub/t.yaml").examples) == 5
 
@@ -240,12 +249,6 @@ def test_split_from_yaml_is_deterministic(tmp_path: Path) -> None:
     assert (len(first.train), len(first.validation), len(first.test)) == (8, 4, 28)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG task.py:215-217: with test omitted, test = n - train - validation can be "
-    "negative, so train+validation > n passes the check and validation is silently truncated",
-    raises=AssertionError,
-)
 @pytest.mark.parametrize(
     ("n", "spec"),
     [(10, SplitSpec(train=8, validation=5)), (3, SplitSpec(train=0.5, validation=0.5))],
@@ -266,7 +269,9 @@ def test_train_plus_validation_exceeding_data_is_rejected(n: int, spec: SplitSpe
 def test_fingerprint_changes_with_data_only(tmp_path: Path) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in _records(10)), encoding="utf-8")
-    _write(tmp_path, {"t.yaml": "name: t\ndata: {path: d.jsonl}\nsplit: {train: 3, validation: 2}\n"})
+    _write(
+        tmp_path, {"t.yaml": "name: t\ndata: {path: d.jsonl}\nsplit: {train: 3, validation: 2}\n"}
+    )
     first = Task.from_yaml(tmp_path / "t.yaml").fingerprint()
     assert Task.from_yaml(tmp_path / "t.yaml").fingerprint() == first
 
@@ -295,7 +300,11 @@ JSONL10 = "\n".join(json.dumps(r) for r in _records(10)) + "\n"
 # id: (task.yaml text or None for "no file", other files, fragments str(error) must contain)
 BAD_INPUTS: dict[str, tuple[str | None, dict[str, str], list[str]]] = {
     "missing-file": (None, {}, ["task.yaml", "no such file"]),
-    "invalid-yaml": ("name: t\nfoo: bar\n  baz: qux\n", {}, ["task.yaml", "invalid YAML", "line 3"]),
+    "invalid-yaml": (
+        "name: t\nfoo: bar\n  baz: qux\n",
+        {},
+        ["task.yaml", "invalid YAML", "line 3"],
+    ),
     "top-level-list": ("- name: t\n", {}, ["task.yaml", "mapping"]),
     "top-level-scalar": ("just text\n", {}, ["task.yaml", "mapping"]),
     "empty-file": ("", {}, ["task.yaml", "mapping"]),
@@ -476,7 +485,11 @@ BAD_INPUTS: dict[str, tuple[str | None, dict[str, str], list[str]]] = {
         ["task.yaml: split.train", "empty"],
     ),
     "answer-max-tokens-zero": (GOOD_HEAD + "answer_max_tokens: 0\n", {}, ["answer_max_tokens"]),
-    "answer-max-tokens-negative": (GOOD_HEAD + "answer_max_tokens: -5\n", {}, ["answer_max_tokens"]),
+    "answer-max-tokens-negative": (
+        GOOD_HEAD + "answer_max_tokens: -5\n",
+        {},
+        ["answer_max_tokens"],
+    ),
     "answer-max-tokens-text": (GOOD_HEAD + "answer_max_tokens: many\n", {}, ["answer_max_tokens"]),
     "answer-max-tokens-bool": (GOOD_HEAD + "answer_max_tokens: true\n", {}, ["answer_max_tokens"]),
 }
@@ -522,14 +535,9 @@ def test_python_metric_from_the_task_folder(tmp_path: Path) -> None:
     assert (task.metric("a", "a", "q"), task.metric("a", "b", "q")) == (1.0, 0.0)
 
 
-# -- known bugs (strict xfail: they start failing loudly once fixed) -------------------------
+# -- regressions of bugs found in review ------------------------------------------------------
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG task.py:313-322: a target field that is also an input field is accepted; the "
-    "target is popped from the inputs, so Task.question raises KeyError instead of a ConfigError",
-    raises=KeyError,
-)
+
 def test_target_field_among_input_fields_is_rejected(tmp_path: Path) -> None:
     _write(
         tmp_path,
@@ -544,11 +552,6 @@ def test_target_field_among_input_fields_is_rejected(tmp_path: Path) -> None:
     pytest.fail("accepted a target that is also an input field")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG task.py:372: csv.DictReader is fed text.splitlines(), which drops the newline "
-    "inside a quoted multi-line CSV field ('(A) x\\n(B) y' becomes '(A) x(B) y')",
-)
 def test_csv_quoted_multiline_field_keeps_its_newline(tmp_path: Path) -> None:
     rows = [{"question": "Q?", "options": "(A) x\n(B) y", "answer": "A"}] * 3
     _write(tmp_path, {"d.csv": _delimited(rows, ","), "task.yaml": _task_yaml("  path: d.csv\n")})
@@ -556,12 +559,6 @@ def test_csv_quoted_multiline_field_keeps_its_newline(tmp_path: Path) -> None:
     assert task.examples[0].inputs["options"] == "(A) x\n(B) y"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG task.py:350: data files are read as 'utf-8', not 'utf-8-sig', so a CSV saved "
-    "with a byte-order mark (Excel) has a header '\\ufeffquestion' and fails with "
-    "\"record[0]: missing field 'question'\"",
-)
 def test_csv_with_byte_order_mark(tmp_path: Path) -> None:
     _write(
         tmp_path,
@@ -573,11 +570,6 @@ def test_csv_with_byte_order_mark(tmp_path: Path) -> None:
     assert len(Task.from_yaml(tmp_path / "task.yaml").examples) == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG task.py:362: JSONL is split with str.splitlines(), which also breaks lines at "
-    "U+2028/U+0085 etc. that JSON allows raw inside strings (json.dumps(ensure_ascii=False))",
-)
 def test_jsonl_string_with_unicode_line_separator(tmp_path: Path) -> None:
     rows = [{"input": "first\u2028second", "target": "x"}] * 3
     _write(
