@@ -228,6 +228,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
             store=store,
             run_id=job.resume,
             run_metadata=metadata,
+            seed_optimizer_calls=optimizer_spec.accepts_seed,
         )
         try:
             result = optimizer.invoke(task)

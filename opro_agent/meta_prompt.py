@@ -1,6 +1,8 @@
 """The meta-prompt builder: past instructions (ascending, top N, bucketed) plus exemplars.
 
-Templates are data: a folder of text files under `meta_prompts/` (see its README).
+Templates are data: a folder of text files under `meta_prompts/` (see its README). A template
+lists the history inline (`history_item.txt`, as in the OPRO paper) or as the turns of a
+conversation (`reply.txt` + `feedback.txt`); either way it renders to chat messages.
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ from opro_agent.prompts import InstructionPosition, scorer_prompt
 from opro_agent.task import Example
 
 __all__ = [
+    "Exemplar",
+    "Message",
     "MetaPromptTemplate",
     "ScoredInstruction",
     "builtin_template_dir",
     "exemplar_prompt",
+    "render_text",
     "score_bucket",
 ]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-_FILES = ("meta_prompt.txt", "history_item.txt", "exemplar.txt", "tag.txt")
+Message = tuple[str, str]  # (role, content), as LangChain chat models accept them
 
 
 def builtin_template_dir() -> Path:
@@ -41,22 +46,43 @@ class ScoredInstruction:
     score: float  # accuracy in [0, 1]
 
 
+@dataclass(frozen=True)
+class Exemplar:
+    question: str
+    prompt: str  # the scorer prompt with the instruction tag where the instruction goes
+    answer: str
+
+
 def score_bucket(score: float, buckets: int = 100) -> int:
     """OPRO shows scores as integers 0..buckets."""
     return round(score * buckets)
 
 
+def _read(folder: Path, name: str, *, required: bool) -> str | None:
+    path = folder / name
+    if not path.is_file():
+        if required:
+            raise ConfigError("missing", source=str(path), field="--meta-prompt")
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"unreadable: {exc}", source=str(path), field="--meta-prompt") from None
+
+
 @dataclass(frozen=True)
 class MetaPromptTemplate:
     name: str
-    main: str
-    history_item: str
+    opening: str
     exemplar: str
     tag: str
+    history_item: str | None = None
+    reply: str | None = None
+    feedback: str | None = None
 
     @classmethod
     def load(cls, name_or_path: str) -> MetaPromptTemplate:
-        """A built-in variant by name (`chat`, `text`) or a folder holding the four files."""
+        """A built-in variant by name (`chat`, `chat_single`, `text`) or a folder."""
         folder = Path(name_or_path)
         if not folder.is_dir():
             folder = builtin_template_dir() / name_or_path
@@ -66,56 +92,65 @@ class MetaPromptTemplate:
                 f"no meta-prompt {name_or_path!r} (built-in: {', '.join(known)}, or a folder)",
                 field="--meta-prompt",
             )
-        texts = {}
-        for filename in _FILES:
-            try:
-                texts[filename] = (folder / filename).read_text(encoding="utf-8")
-            except OSError:
-                raise ConfigError(
-                    "missing or unreadable", source=str(folder / filename), field="--meta-prompt"
-                ) from None
-        tag = texts["tag.txt"].strip()
-        if not tag.isalnum():
-            raise ConfigError("must hold one alphanumeric tag name", source=str(folder / "tag.txt"))
-        template = cls(
-            folder.name,
-            texts["meta_prompt.txt"],
-            texts["history_item.txt"],
-            texts["exemplar.txt"],
-            tag,
+        opening, exemplar, tag = (
+            _read(folder, name, required=True) or ""
+            for name in ("opening.txt", "exemplar.txt", "tag.txt")
         )
-        template.render([ScoredInstruction("x", 0.5)], [("q", "a")])  # fail now, not mid-run
+        history_item = _read(folder, "history_item.txt", required=False)
+        reply = _read(folder, "reply.txt", required=False)
+        feedback = _read(folder, "feedback.txt", required=False)
+        if (history_item is None) == (reply is None or feedback is None):
+            raise ConfigError(
+                "needs history_item.txt, or reply.txt and feedback.txt (not both)",
+                source=str(folder),
+                field="--meta-prompt",
+            )
+        if not tag.strip().isalnum():
+            raise ConfigError("must hold one alphanumeric tag name", source=str(folder / "tag.txt"))
+        template = cls(folder.name, opening, exemplar, tag.strip(), history_item, reply, feedback)
+        template.render([ScoredInstruction("x", 0.5)], [Exemplar("q", "p", "a")])  # fail now
         return template
 
     def render(
         self,
         history: Sequence[ScoredInstruction],
-        exemplars: Sequence[tuple[str, str]],
+        exemplars: Sequence[Exemplar],
         *,
         max_history: int = 20,
         buckets: int = 100,
-    ) -> str:
-        """The meta-prompt: the best `max_history` instructions in ascending score, best last.
-
-        `exemplars` are (scorer prompt with <INS>, ground truth) pairs.
-        """
+    ) -> list[Message]:
+        """The meta-prompt as chat messages, best `max_history` instructions ascending."""
         # sorted() is stable, so ties keep the order the instructions were found in.
         kept = sorted(history, key=lambda item: item.score)[-max_history:] if max_history else []
         try:
-            history_text = "".join(
-                self.history_item.format(
-                    instruction=item.text, score=score_bucket(item.score, buckets)
-                )
-                for item in kept
-            )
             exemplar_text = "".join(
-                self.exemplar.format(prompt=prompt, answer=answer) for prompt, answer in exemplars
+                self.exemplar.format(prompt=e.prompt, question=e.question, answer=e.answer)
+                for e in exemplars
             )
-            return self.main.format(history=history_text, exemplars=exemplar_text)
+            items = [
+                {"instruction": item.text, "score": score_bucket(item.score, buckets)}
+                for item in kept
+            ]
+            if self.history_item is not None:
+                history_text = "".join(self.history_item.format(**item) for item in items)
+                opening = self.opening.format(history=history_text, exemplars=exemplar_text)
+                return [("human", opening)]
+            assert self.reply is not None and self.feedback is not None
+            opening = self.opening.format(history="", exemplars=exemplar_text).strip()
+            messages = [("human", opening)]
+            for item in items:
+                messages.append(("ai", self.reply.format(**item).strip()))
+                messages.append(("human", self.feedback.format(**item).strip()))
+            return messages
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigError(
                 f"bad placeholder in template: {exc}", field=f"--meta-prompt {self.name}"
             ) from None
+
+
+def render_text(messages: Sequence[Message]) -> str:
+    """Messages as one readable text (for logs and golden tests)."""
+    return "".join(f"[{role}]\n{content}\n" for role, content in messages)
 
 
 def exemplar_prompt(

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import random
 import time
+import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,13 @@ from opro_agent.candidates import (
 )
 from opro_agent.errors import ConfigError, LLMCallsFailingError, RunStoreError
 from opro_agent.llm_calls import Caller, RetryPolicy
-from opro_agent.meta_prompt import MetaPromptTemplate, ScoredInstruction, exemplar_prompt
+from opro_agent.meta_prompt import (
+    Exemplar,
+    MetaPromptTemplate,
+    Message,
+    ScoredInstruction,
+    exemplar_prompt,
+)
 from opro_agent.prompts import InstructionPosition, scorer_prompt
 from opro_agent.scorer import InstructionScore, Scorer, TargetKind, gather_all
 from opro_agent.store import OptimizerCall, RunStore
@@ -169,6 +176,7 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
         store: RunStore | None = None,
         run_id: str | None = None,
         run_metadata: Mapping[str, Any] | None = None,
+        seed_optimizer_calls: bool = False,
     ) -> None:
         if (scorer is None) == (target is None):
             raise ConfigError("give exactly one of scorer (a chat model) or target (a chain)")
@@ -181,6 +189,7 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
         self.run_id = run_id
         self.last_run_id: str | None = None  # the run the latest invoke made or resumed
         self.run_metadata = dict(run_metadata or {})
+        self.seed_optimizer_calls = seed_optimizer_calls
 
     def compile(self, task: Task) -> OptimizationResult:
         """DSPy-style alias of `invoke`."""
@@ -255,6 +264,7 @@ class _Run:
         self.started = time.perf_counter()
         retry = self.settings.retry
         self.proposer = Caller(owner.optimizer, tag="opro:optimizer", retry=retry)
+        self.seed_calls = owner.seed_optimizer_calls
         self.scorer = Scorer(
             task,
             Caller(owner.target, tag="opro:scorer", retry=retry),
@@ -299,14 +309,15 @@ class _Run:
     async def _propose(self, step: int, train: Sequence[Example]) -> list[str]:
         history = [ScoredInstruction(c.text, c.train) for c in self.candidates.values()]
         exemplars = [
-            (
-                exemplar_prompt(
+            Exemplar(
+                question=self.task.question(e),
+                prompt=exemplar_prompt(
                     e,
                     self.task.instruction_position,
                     self.task.input_fields,
                     placeholder=f"<{self.template.tag}>",
                 ),
-                e.target,
+                answer=e.target,
             )
             for e in self._exemplars(step, train)
         ]
@@ -330,7 +341,7 @@ class _Run:
             if call.output is None:
                 continue
             text = parse_instruction(call.output, self.template.tag)
-            reason = self._reject(text)
+            reason = self._reject(text, exemplars)
             if reason is not None:
                 log.info(
                     "candidate.skipped", step=step, idx=idx, reason=reason, output=call.output[:200]
@@ -341,22 +352,35 @@ class _Run:
             self.seen.add(dedupe_key(text))
         return texts
 
-    def _reject(self, text: str | None) -> str | None:
+    def _reject(self, text: str | None, exemplars: Sequence[Exemplar]) -> str | None:
         if text is None:
             return "unparseable"
         if len(text) > self.settings.max_instruction_chars:
             return "too_long"
+        # Small optimizers often copy a shown problem instead of writing an instruction.
+        if any(e.question.strip() and e.question.strip() in text for e in exemplars):
+            return "echoes_exemplar"
         if dedupe_key(text) in self.seen:
             return "duplicate"
         return None
 
-    async def _optimizer_call(self, step: int, idx: int, meta_prompt: str) -> OptimizerCall:
+    async def _optimizer_call(
+        self, step: int, idx: int, meta_prompt: list[Message]
+    ) -> OptimizerCall:
         stored = self.store.optimizer_call(self.run_id, step, idx)
         if stored is not None:
             return stored
         metadata = {"opro_run_id": self.run_id, "opro_step": step, "opro_candidate": idx}
+        # Servers like llama.cpp derive unseeded samples from a running seed, so a sample would
+        # depend on the order requests arrive in; a seed per (step, candidate) pins it.
+        extra = {"seed": zlib.crc32(f"{self.settings.seed}:{step}:{idx}".encode())}
         try:
-            result = await self.proposer(meta_prompt, config=self.config, metadata=metadata)
+            result = await self.proposer(
+                meta_prompt,
+                config=self.config,
+                metadata=metadata,
+                **(extra if self.seed_calls else {}),
+            )
             call = OptimizerCall(result.text, None, result.prompt_tokens, result.completion_tokens)
         except Exception as exc:  # provider errors: recorded, the step goes on without it
             call = OptimizerCall(None, f"{type(exc).__name__}: {exc}"[:300])

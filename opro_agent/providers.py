@@ -46,6 +46,11 @@ class ModelSpec:
     def __str__(self) -> str:
         return LOCAL if self.provider == LOCAL else f"{self.provider}:{self.model}"
 
+    @property
+    def accepts_seed(self) -> bool:
+        """Whether calls may carry a `seed` (OpenAI's API and servers compatible with it)."""
+        return self.provider in (LOCAL, "openai")
+
 
 @dataclass(frozen=True)
 class ModelOptions:
@@ -124,7 +129,8 @@ class Models:
             model_path = self._local_model or find_embedded_model()
             if not model_path.is_file():
                 raise ConfigError(f"no such file {model_path}", field="--local-model")
-            server = LocalServer(model_path, self._log_dir / "llama-server.log")
+            # 4096 tokens of context: a meta-prompt with 20 past instructions fits easily.
+            server = LocalServer(model_path, self._log_dir / "llama-server.log", n_ctx=4096)
             self._stack.enter_context(server)
             self._server = server
         return self._server

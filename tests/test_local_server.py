@@ -22,7 +22,12 @@ import pytest
 
 from opro_agent import local_server
 from opro_agent.errors import ConfigError, LocalServerError
-from opro_agent.local_server import LocalServer, find_embedded_model, llama_server_available
+from opro_agent.local_server import (
+    LocalServer,
+    default_threads,
+    find_embedded_model,
+    llama_server_available,
+)
 
 # -- fake servers ------------------------------------------------------------------------
 
@@ -158,6 +163,32 @@ def test_start_without_llama_cpp_is_config_error(
     assert not server.alive()
 
 
+@pytest.mark.parametrize(
+    ("cpus", "expected"), [(1, (1, 1)), (2, (1, 2)), (4, (2, 4)), (8, (4, 8)), (64, (4, 8))]
+)
+def test_default_threads(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, expected: tuple[int, int]
+) -> None:
+    monkeypatch.setattr(local_server, "_usable_cpus", lambda: cpus)
+    assert default_threads() == expected
+
+
+def test_default_command_line(tmp_path: Path, model_file: Path) -> None:
+    server = LocalServer(model_file, tmp_path / "s.log", n_ctx=4096, n_threads=3)
+    argv = server._argv(4321)
+    assert argv[:3] == [sys.executable, "-m", "llama_cpp.server"]
+    flags = dict(zip(argv[3::2], argv[4::2], strict=True))
+    assert flags["--model"] == str(model_file)
+    assert flags["--model_alias"] == server.model_name
+    assert flags["--host"] == "127.0.0.1"
+    assert flags["--port"] == "4321"
+    assert flags["--n_ctx"] == "4096"
+    assert flags["--n_threads"] == "3"
+    assert int(flags["--n_threads_batch"]) >= 3
+    assert flags["--interrupt_requests"] == "False"
+    assert flags["--verbose"] == "False"
+
+
 # -- LocalServer with fake commands ----------------------------------------------------
 
 
@@ -272,6 +303,22 @@ def test_stop_kills_a_process_ignoring_sigterm(
     assert _pid_gone(pid)
 
 
+def test_keyboard_interrupt_during_startup_stops_process(
+    tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = _script(tmp_path, "silent.py", SILENT_SERVER)
+
+    def interrupted(self: LocalServer, url: str) -> bool:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalServer, "_models_ready", interrupted)
+    server = LocalServer(model_file, tmp_path / "s.log", command=[sys.executable, str(script)])
+    with pytest.raises(KeyboardInterrupt):
+        server.start()
+    assert not server.alive()
+    assert server.pid is None
+
+
 def test_missing_model_file_is_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -375,3 +422,24 @@ def test_real_server_port_taken(tmp_path: Path) -> None:
         with pytest.raises(LocalServerError, match="already in use"):
             server.start()
         assert not server.alive()
+
+
+@pytest.mark.integration
+@needs_llama
+def test_real_server_max_tokens_and_seeds(real_server: LocalServer) -> None:
+    """Pins the server behaviour the LLM factory relies on (see local_server's docstring)."""
+    chat_openai = pytest.importorskip("langchain_openai")
+    llm = chat_openai.ChatOpenAI(
+        base_url=real_server.base_url,
+        api_key="unused",
+        model=real_server.model_name,
+        temperature=1.0,
+        extra_body={"max_tokens": 12},
+    )
+    prompt = "Write a long story about a cat."
+    first = llm.bind(seed=7).invoke(prompt)
+    assert first.usage_metadata is not None
+    assert first.usage_metadata["output_tokens"] <= 12
+    assert llm.bind(seed=7).invoke(prompt).content == first.content
+    others = {llm.bind(seed=seed).invoke(prompt).content for seed in (8, 9, 10)}
+    assert others - {first.content}

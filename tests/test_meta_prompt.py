@@ -9,10 +9,12 @@ import pytest
 
 from opro_agent.errors import ConfigError
 from opro_agent.meta_prompt import (
+    Exemplar,
     MetaPromptTemplate,
     ScoredInstruction,
     builtin_template_dir,
     exemplar_prompt,
+    render_text,
     score_bucket,
 )
 from opro_agent.task import Example
@@ -38,34 +40,61 @@ def _check_golden(name: str, text: str) -> None:
     assert text == path.read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize(("variant", "position"), [("chat", "Q_begin"), ("text", "A_begin")])
-def test_rendered_meta_prompt_matches_golden(variant: str, position: str) -> None:
-    template = MetaPromptTemplate.load(variant)
-    exemplars = [
-        (exemplar_prompt(e, position, ["input"], placeholder=f"<{template.tag}>"), e.target)  # type: ignore[arg-type]
+def _exemplars(template: MetaPromptTemplate, position: str) -> list[Exemplar]:
+    return [
+        Exemplar(
+            question=e.inputs["input"],
+            prompt=exemplar_prompt(e, position, ["input"], placeholder=f"<{template.tag}>"),  # type: ignore[arg-type]
+            answer=e.target,
+        )
         for e in EXAMPLES
     ]
-    _check_golden(f"meta_prompt_{variant}_{position}.txt", template.render(HISTORY, exemplars))
 
 
-def test_history_is_ascending_best_last_and_bucketed() -> None:
-    text = MetaPromptTemplate.load("chat").render(HISTORY, [])
-    order = [text.index(h.text + "\nscore:") for h in HISTORY if h.text]
-    # ascending by score: 0.254, 0.5, 0.9
+@pytest.mark.parametrize(
+    ("variant", "position"), [("chat", "Q_begin"), ("chat_single", "Q_begin"), ("text", "A_begin")]
+)
+def test_rendered_meta_prompt_matches_golden(variant: str, position: str) -> None:
+    template = MetaPromptTemplate.load(variant)
+    messages = template.render(HISTORY, _exemplars(template, position))
+    _check_golden(f"meta_prompt_{variant}_{position}.txt", render_text(messages))
+
+
+def test_conversation_shows_history_as_turns_ascending() -> None:
+    messages = MetaPromptTemplate.load("chat").render(HISTORY, [])
+    roles = [role for role, _ in messages]
+    assert roles == ["human"] + ["ai", "human"] * len(HISTORY)
+    replies = [content for role, content in messages if role == "ai"]
+    assert replies == [
+        "<INS></INS>",
+        "<INS>Let's solve the problem.</INS>",
+        "<INS>Think step by step.</INS>",
+        "<INS>Answer with yes or no.</INS>",
+    ]
+    assert messages[-1][1].startswith("Score: 90/100.")
+
+
+@pytest.mark.parametrize("variant", ["chat", "chat_single", "text"])
+def test_history_is_ascending_best_last_and_bucketed(variant: str) -> None:
+    text = render_text(MetaPromptTemplate.load(variant).render(HISTORY, []))
+    order = [text.index(h.text) for h in HISTORY if h.text]
+    # ascending by score: 0.254 ("Let's..."), 0.5 ("Think..."), 0.9 ("Answer...")
     assert order[0] < order[2] < order[1]
-    assert "score:\n25\n" in text and "score:\n90\n" in text and "score:\n10\n" in text
+    for bucket in ("10", "25", "50", "90"):
+        assert bucket in text
 
 
-def test_only_the_best_instructions_are_kept() -> None:
-    history = [ScoredInstruction(f"instruction number {i}", i / 100) for i in range(30)]
-    text = MetaPromptTemplate.load("chat").render(history, [], max_history=20)
-    kept = [i for i in range(30) if f"instruction number {i}\n" in text]
+@pytest.mark.parametrize("variant", ["chat", "chat_single"])
+def test_only_the_best_instructions_are_kept(variant: str) -> None:
+    history = [ScoredInstruction(f"instruction number {i}.", i / 100) for i in range(30)]
+    text = render_text(MetaPromptTemplate.load(variant).render(history, [], max_history=20))
+    kept = [i for i in range(30) if f"instruction number {i}." in text]
     assert kept == list(range(10, 30))
 
 
 def test_ties_keep_discovery_order() -> None:
     history = [ScoredInstruction("first", 0.5), ScoredInstruction("second", 0.5)]
-    text = MetaPromptTemplate.load("chat").render(history, [])
+    text = render_text(MetaPromptTemplate.load("chat").render(history, []))
     assert text.index("first") < text.index("second")
 
 
@@ -79,21 +108,33 @@ def test_exemplar_shows_where_the_instruction_goes_for_system_position() -> None
     assert text.startswith("System: <INS>") and "Q: Is 4 even?" in text
 
 
-def test_user_text_with_braces_is_not_a_placeholder() -> None:
-    template = MetaPromptTemplate.load("chat")
-    text = template.render([ScoredInstruction("Use {format} please", 0.5)], [("Q: {x}", "{y}")])
-    assert "Use {format} please" in text and "Q: {x}" in text
+@pytest.mark.parametrize("variant", ["chat", "chat_single"])
+def test_user_text_with_braces_is_not_a_placeholder(variant: str) -> None:
+    template = MetaPromptTemplate.load(variant)
+    text = render_text(
+        template.render(
+            [ScoredInstruction("Use {format} please", 0.5)], [Exemplar("Q {x}", "Q: {x}", "{y}")]
+        )
+    )
+    assert "Use {format} please" in text and "{x}" in text and "{y}" in text
 
 
 def test_custom_template_folder(tmp_path: Path) -> None:
-    for name in ("meta_prompt.txt", "history_item.txt", "exemplar.txt"):
-        (tmp_path / name).write_text((builtin_template_dir() / "chat" / name).read_text())
+    for name in ("opening.txt", "history_item.txt", "exemplar.txt"):
+        (tmp_path / name).write_text((builtin_template_dir() / "chat_single" / name).read_text())
     (tmp_path / "tag.txt").write_text("PROMPT\n")
     assert MetaPromptTemplate.load(str(tmp_path)).tag == "PROMPT"
 
 
+def test_template_needs_one_way_to_show_history(tmp_path: Path) -> None:
+    for name in ("opening.txt", "exemplar.txt", "tag.txt"):
+        (tmp_path / name).write_text((builtin_template_dir() / "chat" / name).read_text())
+    with pytest.raises(ConfigError, match="history_item.txt, or reply.txt and feedback.txt"):
+        MetaPromptTemplate.load(str(tmp_path))
+
+
 def test_custom_template_with_unknown_placeholder_is_rejected(tmp_path: Path) -> None:
-    (tmp_path / "meta_prompt.txt").write_text("{history}{nonsense}")
+    (tmp_path / "opening.txt").write_text("{history}{nonsense}")
     (tmp_path / "history_item.txt").write_text("{instruction} {score}")
     (tmp_path / "exemplar.txt").write_text("{prompt} {answer}")
     (tmp_path / "tag.txt").write_text("INS")
