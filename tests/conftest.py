@@ -3,14 +3,16 @@ depends on the instruction, so the loop has something real to find."""
 
 from __future__ import annotations
 
+import importlib.util
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
 from langchain_core.messages import BaseMessage
 
 from opro_agent import OproSettings, RetryPolicy, SplitSpec, Task
+from opro_agent.local_server import LocalServer, find_embedded_model
 from tests.fakes import ScriptedChatModel
 
 FACTS = [(f"Is {n} an even number?", "yes" if n % 2 == 0 else "no") for n in range(60)]
@@ -83,3 +85,17 @@ def fast_settings() -> OproSettings:
         concurrency=4,
         retry=RetryPolicy(attempts=2, initial_wait=0.001, max_wait=0.002),
     )
+
+
+needs_llama = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="llama_cpp is not installed (pip install -e '.[local]')",
+)
+
+
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """The real llama.cpp server with the embedded SmolLM2, started once per test session."""
+    log_path = tmp_path_factory.mktemp("llama") / "server.log"
+    with LocalServer(find_embedded_model(), log_path, n_ctx=4096) as server:
+        yield server

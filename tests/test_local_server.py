@@ -15,7 +15,6 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from opro_agent.local_server import (
     find_embedded_model,
     llama_server_available,
 )
+from tests.conftest import needs_llama
 
 # -- fake servers ------------------------------------------------------------------------
 
@@ -330,17 +330,10 @@ def test_missing_model_file_is_config_error(
 
 # -- integration: the real llama.cpp server -------------------------------------------
 
-needs_llama = pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None,
-    reason="llama_cpp is not installed (pip install 'opro-agent[local]')",
-)
 
-
-@pytest.fixture(scope="module")
-def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    log_path = tmp_path_factory.mktemp("llama") / "server.log"
-    with LocalServer(find_embedded_model(), log_path, n_ctx=1024) as server:
-        yield server
+@pytest.fixture
+def real_server(embedded_server: LocalServer) -> LocalServer:
+    return embedded_server
 
 
 @pytest.mark.integration

@@ -1,0 +1,63 @@
+"""The README's examples run, so they cannot rot."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from opro_agent.cli import main
+from opro_agent.local_server import LocalServer
+from tests.conftest import needs_llama
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+CI_RUN = Path(__file__).resolve().parents[1] / ".ci" / "run"
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.DOTALL)
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    test_command = next(b.strip() for b in _blocks("bash") if b.strip().endswith("&& pytest"))
+    assert test_command in CI_RUN.read_text().splitlines()
+
+
+def test_the_readme_demo_runs_a_shipped_task() -> None:
+    demo = next(b.strip() for b in _blocks("bash") if "opro-agent optimize tasks/" in b)
+    task = re.search(r"opro-agent optimize (tasks/\S+\.yaml)", demo)
+    assert task is not None
+    assert (README.parent / task.group(1)).is_file()
+
+
+def test_tasks_validate_example(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(README.parent)
+    command = next(b.strip() for b in _blocks("bash") if b.startswith("opro-agent tasks validate"))
+    pattern = command.split()[-1]
+    assert main(["tasks", "validate", *sorted(str(p) for p in Path().glob(pattern))]) == 0
+    assert capsys.readouterr().out.count("ok: ") == 3
+
+
+@pytest.mark.integration
+@needs_llama
+def test_python_examples_run_on_the_embedded_model(
+    embedded_server: LocalServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The examples name an OpenAI model; an OpenAI-compatible server answers them here.
+    monkeypatch.setenv("OPENAI_BASE_URL", embedded_server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    namespace: dict[str, object] = {}
+    blocks = _blocks("python")
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
+    printed = capsys.readouterr().out.strip()
+    best = namespace["best"]
+    assert isinstance(best, str) and printed.endswith(best.strip())
+    result = namespace["result"]
+    assert result.scores["test"] is not None  # type: ignore[attr-defined]
