@@ -5,6 +5,8 @@ scores; a scorer LLM (or any chain) answers training questions under each instru
 graded against ground truth; the winner is chosen on validation and reported on test.
 """
 
+from opro_agent.budget import Budget, RunObserver
+from opro_agent.cache import ResponseCache
 from opro_agent.errors import (
     BudgetExceededError,
     ConfigError,
@@ -13,23 +15,21 @@ from opro_agent.errors import (
     OproError,
     RunStoreError,
 )
-from opro_agent.llm_calls import RetryPolicy
+from opro_agent.llm_calls import RateLimits, RetryPolicy
 from opro_agent.metrics import METRIC_NAMES, Metric, get_metric, metric_from_callable
-from opro_agent.optimizer import (
-    HistoryEntry,
-    OproOptimizer,
-    OproSettings,
-    OptimizationResult,
-    evaluate_instruction,
-)
+from opro_agent.optimizer import OproOptimizer, evaluate_instruction, model_identity
+from opro_agent.pricing import Price, PriceTable
 from opro_agent.prompts import INSTRUCTION_POSITIONS, InstructionPosition, scorer_prompt
+from opro_agent.result import HistoryEntry, OptimizationResult
 from opro_agent.scorer import InstructionScore
+from opro_agent.settings import OproSettings, RunResources
 from opro_agent.store import RunStore
 from opro_agent.task import Example, SplitSpec, Task, TaskSplits
 
 __all__ = [
     "INSTRUCTION_POSITIONS",
     "METRIC_NAMES",
+    "Budget",
     "BudgetExceededError",
     "ConfigError",
     "Example",
@@ -43,7 +43,13 @@ __all__ = [
     "OproOptimizer",
     "OproSettings",
     "OptimizationResult",
+    "Price",
+    "PriceTable",
+    "RateLimits",
+    "ResponseCache",
     "RetryPolicy",
+    "RunObserver",
+    "RunResources",
     "RunStore",
     "RunStoreError",
     "SplitSpec",
@@ -52,5 +58,6 @@ __all__ = [
     "evaluate_instruction",
     "get_metric",
     "metric_from_callable",
+    "model_identity",
     "scorer_prompt",
 ]

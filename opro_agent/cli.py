@@ -18,13 +18,10 @@ import structlog
 
 from opro_agent.errors import ConfigError, LLMCallsFailingError, OproError
 from opro_agent.meta_prompt import MetaPromptTemplate
-from opro_agent.optimizer import (
-    OproOptimizer,
-    OproSettings,
-    OptimizationResult,
-    evaluate_instruction,
-)
+from opro_agent.optimizer import OproOptimizer, evaluate_instruction
 from opro_agent.providers import LOCAL, ModelOptions, Models, ModelSpec, redact_url
+from opro_agent.result import OptimizationResult
+from opro_agent.settings import OproSettings
 from opro_agent.store import DB_FILENAME, RunStore
 from opro_agent.task import Task
 

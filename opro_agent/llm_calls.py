@@ -1,4 +1,5 @@
-"""One LLM call, the way every role makes it: retried, traced, its usage counted.
+"""One LLM call, the way every role makes it: cached, budgeted, rate-limited, retried,
+traced, its usage counted.
 
 Works for any Runnable: a chat model, a model wrapped in `.with_retry()` or fallbacks, or a
 whole chain. Token usage is read by a callback handler, so it is counted inside chains too.
@@ -8,24 +9,50 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from aiolimiter import AsyncLimiter
 from langchain_core.callbacks import UsageMetadataCallbackHandler
 from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import merge_configs
 
-__all__ = ["CallResult", "Caller", "RetryPolicy", "output_text"]
+from opro_agent.budget import Meter
+from opro_agent.cache import ResponseCache
+from opro_agent.pricing import Price
+from opro_agent.tokens import count_message_tokens
+
+__all__ = ["CallPolicy", "CallResult", "Caller", "RateLimits", "RetryPolicy", "output_text"]
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Transient failures are retried with exponential backoff and jitter."""
+    """Failures are retried with exponential backoff and jitter; rate-limit errors (429)
+    get more, longer tries and do not count as failures unless those run out too."""
 
     attempts: int = 3
     initial_wait: float = 1.0
     max_wait: float = 10.0
+    rate_limit_attempts: int = 8
+    rate_limit_max_wait: float = 60.0
+
+
+class RateLimits:
+    """Requests and tokens per minute, shared by every call in flight (both roles)."""
+
+    def __init__(self, rpm: float | None = None, tpm: float | None = None) -> None:
+        self.rpm = rpm
+        self.tpm = tpm
+        self._requests = AsyncLimiter(rpm, 60) if rpm else None
+        self._tokens = AsyncLimiter(tpm, 60) if tpm else None
+
+    async def acquire(self, tokens: int) -> None:
+        if self._requests is not None:
+            await self._requests.acquire()
+        if self._tokens is not None and self.tpm:
+            # A request larger than the whole minute's allowance waits for a full minute.
+            await self._tokens.acquire(min(tokens, self.tpm))
 
 
 @dataclass(frozen=True)
@@ -34,6 +61,7 @@ class CallResult:
     prompt_tokens: int
     completion_tokens: int
     latency: float
+    cached: bool = False
 
 
 def output_text(output: Any) -> str:
@@ -45,11 +73,37 @@ def output_text(output: Any) -> str:
     return str(output)
 
 
-class Caller:
-    """Calls one Runnable in one role (tag), with retries; built once, called many times."""
+@dataclass
+class CallPolicy:
+    """What surrounds each call of one role; every part is optional."""
 
-    def __init__(self, runnable: Runnable[Any, Any], *, tag: str, retry: RetryPolicy) -> None:
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    rate_limit_errors: tuple[type[BaseException], ...] = ()
+    cache: ResponseCache | None = None
+    identity: str | None = None  # what identifies the model's answers; None: not cacheable
+    meter: Meter | None = None
+    limits: RateLimits | None = None
+    price: Price | None = None
+
+
+class Caller:
+    """Calls one Runnable in one role (tag); built once, called many times."""
+
+    def __init__(self, runnable: Runnable[Any, Any], *, tag: str, policy: CallPolicy) -> None:
         self.tag = tag
+        self.policy = policy
+        retry = policy.retry
+        if policy.rate_limit_errors:
+            runnable = runnable.with_retry(
+                retry_if_exception_type=policy.rate_limit_errors,
+                stop_after_attempt=retry.rate_limit_attempts,
+                wait_exponential_jitter=True,
+                exponential_jitter_params={
+                    "initial": retry.initial_wait,
+                    "max": retry.rate_limit_max_wait,
+                    "jitter": retry.initial_wait,
+                },
+            )
         self._runnable = runnable.with_retry(
             stop_after_attempt=retry.attempts,
             wait_exponential_jitter=True,
@@ -70,8 +124,48 @@ class Caller:
     ) -> CallResult:
         """Invoke once (with retries); `kwargs` go to the model (e.g. `seed`).
 
-        Raises whatever the last attempt raised.
+        Raises BudgetExceededError before a call the budget cannot pay for, and otherwise
+        whatever the last attempt raised.
         """
+        policy = self.policy
+        key = None
+        if policy.cache is not None and policy.identity is not None:
+            key = ResponseCache.key(policy.identity, payload, kwargs)
+            hit = policy.cache.get(key)
+            if hit is not None:
+                if policy.meter is not None:
+                    policy.meter.end(self.tag, hit[1], hit[2], 0.0, paid=False)
+                return CallResult(hit[0], hit[1], hit[2], 0.0, cached=True)
+        if policy.meter is not None:
+            policy.meter.begin()
+        try:
+            if policy.limits is not None:
+                await policy.limits.acquire(count_message_tokens(payload))
+            result = await self._invoke(payload, config, metadata, kwargs)
+        except BaseException:
+            if policy.meter is not None:
+                policy.meter.abort()
+            raise
+        if key is not None and policy.cache is not None:
+            policy.cache.put(key, (result.text, result.prompt_tokens, result.completion_tokens))
+        if policy.meter is not None:
+            cost = (
+                policy.price.cost(result.prompt_tokens, result.completion_tokens)
+                if policy.price
+                else 0.0
+            )
+            policy.meter.end(
+                self.tag, result.prompt_tokens, result.completion_tokens, cost, paid=True
+            )
+        return result
+
+    async def _invoke(
+        self,
+        payload: Any,
+        config: RunnableConfig | None,
+        metadata: Mapping[str, Any],
+        kwargs: Mapping[str, Any],
+    ) -> CallResult:
         usage = UsageMetadataCallbackHandler()
         call_config = merge_configs(
             config, {"tags": [self.tag], "metadata": dict(metadata), "callbacks": [usage]}

@@ -8,145 +8,56 @@ store and pays only for calls that were never made, so it reaches the same resul
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import json
+import math
 import random
 import time
 import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
-from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.load import dumpd
 from langchain_core.runnables import Runnable, RunnableConfig
 
+from opro_agent.budget import Meter, Spend
 from opro_agent.candidates import (
     dedupe_key,
     instruction_key,
     normalise_instruction,
     parse_instruction,
 )
-from opro_agent.errors import ConfigError, LLMCallsFailingError, RunStoreError
-from opro_agent.llm_calls import Caller, RetryPolicy
+from opro_agent.errors import BudgetExceededError, ConfigError, LLMCallsFailingError, RunStoreError
+from opro_agent.llm_calls import Caller, CallPolicy, RetryPolicy
 from opro_agent.meta_prompt import (
     Exemplar,
-    MetaPromptTemplate,
     Message,
+    MetaPromptTemplate,
     ScoredInstruction,
     exemplar_prompt,
 )
-from opro_agent.prompts import InstructionPosition, scorer_prompt
+from opro_agent.result import HistoryEntry, OptimizationResult
 from opro_agent.scorer import InstructionScore, Scorer, TargetKind, gather_all
+from opro_agent.settings import OproSettings, RunResources
 from opro_agent.store import OptimizerCall, RunStore
 from opro_agent.task import Example, Task, TaskSplits
 
-__all__ = [
-    "ExemplarSelection",
-    "HistoryEntry",
-    "OproOptimizer",
-    "OproSettings",
-    "OptimizationResult",
-    "evaluate_instruction",
-]
+__all__ = ["OproOptimizer", "evaluate_instruction", "model_identity"]
 
 log = structlog.get_logger()
-ExemplarSelection = Literal["random", "constant", "most_wrong"]
 
 
-@dataclass(frozen=True)
-class OproSettings:
-    """How the search runs. Defaults follow the OPRO paper's ablations."""
-
-    steps: int = 10
-    candidates_per_step: int = 8
-    max_history: int = 20
-    score_buckets: int = 100
-    exemplars: int = 3
-    exemplar_selection: ExemplarSelection = "random"
-    max_instruction_chars: int = 500
-    patience: int | None = None  # stop after this many steps without a better train score
-    target_score: float | None = None  # stop once the best train score reaches this
-    validate_top: int = 3  # best-on-train instructions compared on validation
-    concurrency: int = 8
-    seed: int = 0
-    meta_prompt: str = "chat"
-    failure_threshold: float = 0.2
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "exemplars", "max_history", "max_instruction_chars"):
-            if getattr(self, name) < 0:
-                raise ConfigError("must not be negative", field=name)
-        for name in ("candidates_per_step", "validate_top", "concurrency", "score_buckets"):
-            if getattr(self, name) < 1:
-                raise ConfigError("must be at least 1", field=name)
-        if self.patience is not None and self.patience < 1:
-            raise ConfigError("must be at least 1", field="patience")
-        if self.target_score is not None and not 0 <= self.target_score <= 1:
-            raise ConfigError("must be between 0 and 1", field="target_score")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> OproSettings:
-        values = dict(raw)
-        values["retry"] = RetryPolicy(**values.get("retry", {}))
-        return cls(**values)
-
-
-@dataclass(frozen=True)
-class HistoryEntry:
-    step: int
-    origin: str  # "initial" or "optimizer"
-    instruction: str
-    train: float | None
-    validation: float | None
-    test: float | None
-
-
-@dataclass(frozen=True)
-class OptimizationResult:
-    run_id: str
-    task: str
-    best_instruction: str
-    scores: Mapping[str, float | None]  # the winner's train / validation / test scores
-    baselines: Mapping[str, float]  # initial instruction -> test score
-    history: tuple[HistoryEntry, ...]
-    calls: Mapping[str, int]
-    tokens: Mapping[str, int]
-    wall_seconds: float
-    stop_reason: str
-    instruction_position: InstructionPosition
-    input_fields: tuple[str, ...]
-
-    @property
-    def test_gain(self) -> float | None:
-        """Winner's test score minus the best initial instruction's."""
-        test = self.scores.get("test")
-        if test is None or not self.baselines:
-            return None
-        return test - max(self.baselines.values())
-
-    def to_prompt_template(self) -> ChatPromptTemplate:
-        """The exact prompt the scorer saw for the winner; its variables are the input fields."""
-        return scorer_prompt(self.best_instruction, self.instruction_position, self.input_fields)
-
-    def summary(self) -> dict[str, Any]:
-        """The JSON summary the CLI prints."""
-        return {
-            "run_id": self.run_id,
-            "task": self.task,
-            "best_instruction": self.best_instruction,
-            "scores": dict(self.scores),
-            "baselines": dict(self.baselines),
-            "test_gain": self.test_gain,
-            "calls": dict(self.calls),
-            "tokens": dict(self.tokens),
-            "wall_seconds": round(self.wall_seconds, 3),
-            "stop_reason": self.stop_reason,
-        }
+def model_identity(runnable: Runnable[Any, Any]) -> str | None:
+    """What a LangChain model's answers depend on (class, model, parameters, endpoint), from
+    its serialized form; None when it is not serializable, so nothing is cached for it."""
+    try:
+        serialized = dumpd(runnable)
+    except Exception:  # serialization is best effort for arbitrary Runnables
+        return None
+    text = json.dumps(serialized, sort_keys=True, default=str)
+    return None if '"not_implemented"' in text else text
 
 
 @dataclass
@@ -155,6 +66,7 @@ class _Candidate:
     step: int
     order: int
     train: float
+    full: bool  # scored on every training example (not rejected early)
 
 
 class OproOptimizer(Runnable[Task, OptimizationResult]):
@@ -163,7 +75,8 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
     Give `scorer` (a chat model, possibly wrapped with retries or fallbacks: it receives the
     scorer prompt's messages) or `target` (any Runnable taking a dict with `instruction` and
     the task's input fields, returning text or a message). With `store` and `run_id` naming
-    a stored run, the run is resumed.
+    a stored run, the run is resumed. `seed_optimizer_calls` passes each optimizer call its
+    own `seed` (for OpenAI-compatible models), so sampling is reproducible call by call.
     """
 
     def __init__(
@@ -173,6 +86,7 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
         *,
         target: Runnable[Any, Any] | None = None,
         settings: OproSettings | None = None,
+        resources: RunResources | None = None,
         store: RunStore | None = None,
         run_id: str | None = None,
         run_metadata: Mapping[str, Any] | None = None,
@@ -184,6 +98,7 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
         self.target: Runnable[Any, Any] = scorer if scorer is not None else target  # type: ignore[assignment]
         self.target_kind: TargetKind = "chat_model" if scorer is not None else "chain"
         self.settings = settings or OproSettings()
+        self.resources = resources or RunResources()
         self.template = MetaPromptTemplate.load(self.settings.meta_prompt)
         self.store = store
         self.run_id = run_id
@@ -229,7 +144,8 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
                     f"run {run.id} was made with different task data or settings; "
                     "start a new run instead of resuming"
                 )
-            if run.config.get("settings") != self.settings.to_dict():
+            stored = OproSettings.from_dict(run.config["settings"]).result_affecting()
+            if stored != self.settings.result_affecting():
                 raise RunStoreError(f"run {run.id} was made with different optimizer settings")
             self.last_run_id = run.id
             return run.id
@@ -262,12 +178,34 @@ class _Run:
         self.run_id = run_id
         self.config = config
         self.started = time.perf_counter()
-        retry = self.settings.retry
-        self.proposer = Caller(owner.optimizer, tag="opro:optimizer", retry=retry)
+        res = self.resources = owner.resources
+        self.observer = res.observer
+        self.meter = Meter(res.budget, spent=self._spent_before(), observer=res.observer)
         self.seed_calls = owner.seed_optimizer_calls
+
+        def policy(role: str, runnable: Runnable[Any, Any], cacheable: bool) -> CallPolicy:
+            identity = None
+            if res.cache is not None and cacheable:
+                identity = res.identities.get(role) or model_identity(runnable)
+            return CallPolicy(
+                retry=self.settings.retry,
+                rate_limit_errors=res.rate_limit_errors,
+                cache=res.cache,
+                identity=identity,
+                meter=self.meter,
+                limits=res.rate_limits,
+                price=res.prices.get(role),
+            )
+
+        # Unseeded samples must stay random: only seeded optimizer calls are cacheable.
+        self.proposer = Caller(
+            owner.optimizer,
+            tag="opro:optimizer",
+            policy=policy("optimizer", owner.optimizer, self.seed_calls),
+        )
         self.scorer = Scorer(
             task,
-            Caller(owner.target, tag="opro:scorer", retry=retry),
+            Caller(owner.target, tag="opro:scorer", policy=policy("scorer", owner.target, True)),
             owner.target_kind,
             store=store,
             run_id=run_id,
@@ -278,31 +216,89 @@ class _Run:
         self.candidates: dict[str, _Candidate] = {}  # scored, by dedupe key
         self.seen: set[str] = set()  # dedupe keys of scored and accepted candidates
         self.train_results: list[InstructionScore] = []
+        self.saved_calls = 0
+
+    def _spent_before(self) -> Spend:
+        """What this run has spent so far (all sessions): the budget covers the whole run."""
+        usage = self.store.usage(self.run_id)
+        cost = 0.0
+        for role in ("optimizer", "scorer"):
+            price = self.resources.prices.get(role)
+            if price is not None:
+                cost += price.cost(
+                    usage[f"{role}_prompt_tokens"], usage[f"{role}_completion_tokens"]
+                )
+        return Spend(
+            calls=usage["optimizer_calls"] + usage["scorer_calls"],
+            prompt_tokens=usage["prompt_tokens"],
+            completion_tokens=usage["completion_tokens"],
+            cost=cost,
+        )
 
     async def execute(self) -> OptimizationResult:
         splits = self.task.splits()
         initial = [normalise_instruction(i) for i in self.task.initial_instructions]
-        await self._score_new(list(dict.fromkeys(initial)), splits.train, step=0, origin="initial")
-        best = self._best_train()
-        stale, stop_reason = 0, "steps"
+        stop_reason = "steps"
+        try:
+            self._plan(splits, self.settings.steps)
+            await self._score_initial(list(dict.fromkeys(initial)), splits.train)
+            stop_reason = await self._search(splits)
+        except BudgetExceededError as exc:
+            log.warning("budget.spent", reason=str(exc))
+            stop_reason = "budget"
+        if not any(c.full for c in self.candidates.values()):
+            raise BudgetExceededError(
+                "the budget ran out before the initial instructions were scored; raise it"
+            )
+        return await self._finish(splits, stop_reason)
+
+    async def _search(self, splits: TaskSplits) -> str:
+        best, stale = self._best_train(), 0
         log.info("step.done", step=0, best_train=best)
+        self._notify_step(0, best)
         for step in range(1, self.settings.steps + 1):
             if self._reached_target(best):
-                stop_reason = "target_score"
-                break
+                return "target_score"
+            if not self.meter.affordable(self._step_calls(splits) + self._final_calls(splits)):
+                log.warning("budget.stop", step=step, spent=self.meter.spent.calls)
+                return "budget"
             texts = await self._propose(step, splits.train)
-            await self._score_new(texts, splits.train, step=step, origin="optimizer")
+            await self._score_candidates(texts, splits.train, step)
             new_best = self._best_train()
             stale = 0 if new_best > best else stale + 1
             best = new_best
             log.info("step.done", step=step, candidates=len(texts), best_train=best, stale=stale)
+            self._notify_step(step, best)
+            self._plan(splits, self.settings.steps - step)
             if self.settings.patience is not None and stale >= self.settings.patience:
-                stop_reason = "patience"
-                break
-        else:
-            if self._reached_target(best):
-                stop_reason = "target_score"
-        return await self._finish(splits, stop_reason)
+                return "patience"
+        return "target_score" if self._reached_target(best) else "steps"
+
+    # -- planning --------------------------------------------------------------------------------
+
+    def _step_calls(self, splits: TaskSplits) -> int:
+        """Calls one step can take at most (no racing savings assumed)."""
+        n = self.settings.candidates_per_step
+        return n + n * len(splits.train)
+
+    def _final_calls(self, splits: TaskSplits) -> int:
+        initial = len(set(self.task.initial_instructions))
+        return self.settings.validate_top * len(splits.validation) + (1 + initial) * len(
+            splits.test
+        )
+
+    def _plan(self, splits: TaskSplits, steps_left: int) -> None:
+        if self.observer is not None:
+            initial = 0 if self.candidates else len(self.task.initial_instructions)
+            self.observer.on_plan(
+                initial * len(splits.train)
+                + steps_left * self._step_calls(splits)
+                + self._final_calls(splits)
+            )
+
+    def _notify_step(self, step: int, best: float) -> None:
+        if self.observer is not None:
+            self.observer.on_step(step, best)
 
     # -- proposing ------------------------------------------------------------------------------
 
@@ -344,7 +340,11 @@ class _Run:
             reason = self._reject(text, exemplars)
             if reason is not None:
                 log.info(
-                    "candidate.skipped", step=step, idx=idx, reason=reason, output=call.output[:200]
+                    "candidate.skipped",
+                    step=step,
+                    idx=idx,
+                    reason=reason,
+                    output=call.output[:200],
                 )
                 continue
             assert text is not None
@@ -381,7 +381,15 @@ class _Run:
                 metadata=metadata,
                 **(extra if self.seed_calls else {}),
             )
-            call = OptimizerCall(result.text, None, result.prompt_tokens, result.completion_tokens)
+            call = OptimizerCall(
+                result.text,
+                None,
+                result.prompt_tokens,
+                result.completion_tokens,
+                cached=result.cached,
+            )
+        except BudgetExceededError:
+            raise
         except Exception as exc:  # provider errors: recorded, the step goes on without it
             call = OptimizerCall(None, f"{type(exc).__name__}: {exc}"[:300])
             log.warning("optimizer.call_failed", step=step, idx=idx, error=call.error)
@@ -406,47 +414,99 @@ class _Run:
 
     # -- scoring ---------------------------------------------------------------------------------
 
-    async def _score_new(
-        self, texts: Sequence[str], train: Sequence[Example], *, step: int, origin: str
-    ) -> None:
+    async def _score_initial(self, texts: Sequence[str], train: Sequence[Example]) -> None:
         for text in texts:
-            self.store.add_instruction(self.run_id, instruction_key(text), text, step, origin)
-        scored = await self.scorer.score_many(texts, train, "train", step=step)
-        for text, result in zip(texts, scored, strict=True):
-            self.train_results.append(result)
-            self.candidates[dedupe_key(text)] = _Candidate(
-                text, step, len(self.candidates), result.score
+            self.store.add_instruction(self.run_id, instruction_key(text), text, 0, "initial")
+        for result in await self.scorer.score_many(texts, train, "train", step=0):
+            self._add(result, 0, full=True)
+
+    async def _score_candidates(
+        self, texts: Sequence[str], train: Sequence[Example], step: int
+    ) -> None:
+        """Score new candidates on the training set, racing them if early rejection is on."""
+        for text in texts:
+            self.store.add_instruction(self.run_id, instruction_key(text), text, step, "optimizer")
+        # One fixed order for the whole run: stages are nested prefixes of it, and a resumed
+        # run races on the same examples.
+        order = random.Random(f"{self.settings.seed}:race").sample(list(train), len(train))
+        size = self.settings.first_stage if self.settings.early_rejection else len(order)
+        alive = list(texts)
+        while alive:
+            size = min(size, len(order))
+            scored = await self.scorer.score_many(alive, order[:size], "train", step=step)
+            if size == len(order):
+                for result in scored:
+                    self._add(result, step, full=True)
+                return
+            keep = self._survivors(scored)
+            for result in scored:
+                if result.instruction not in keep:
+                    self._add(result, step, full=False)
+                    self.saved_calls += len(order) - size
+                    log.info(
+                        "candidate.rejected_early",
+                        step=step,
+                        instruction=result.instruction,
+                        train_subset=round(result.score, 4),
+                        examples=size,
+                    )
+            alive = [r.instruction for r in scored if r.instruction in keep]
+            size *= 2
+
+    def _survivors(self, scored: Sequence[InstructionScore]) -> set[str]:
+        """The better half, and any that match or beat the best full-train score so far."""
+        incumbent = self._best_train()
+        ranked = sorted(scored, key=lambda r: -r.score)
+        keep = {r.instruction for r in ranked[: math.ceil(len(ranked) / 2)]}
+        return keep | {r.instruction for r in scored if r.score >= incumbent}
+
+    def _add(self, result: InstructionScore, step: int, *, full: bool) -> None:
+        key = dedupe_key(result.instruction)
+        self.train_results.append(result)
+        self.candidates[key] = _Candidate(
+            result.instruction, step, len(self.candidates), result.score, full
+        )
+        self.seen.add(key)
+        if full:
+            log.info(
+                "candidate.scored",
+                step=step,
+                instruction=result.instruction,
+                train=round(result.score, 4),
             )
-            self.seen.add(dedupe_key(text))
-            log.info("candidate.scored", step=step, instruction=text, train=round(result.score, 4))
 
     def _best_train(self) -> float:
-        return max((c.train for c in self.candidates.values()), default=0.0)
+        return max((c.train for c in self.candidates.values() if c.full), default=0.0)
 
     def _reached_target(self, best: float) -> bool:
         target = self.settings.target_score
         return target is not None and best >= target
 
     async def _finish(self, splits: TaskSplits, stop_reason: str) -> OptimizationResult:
-        ranked = sorted(self.candidates.values(), key=lambda c: (-c.train, c.order))
+        ranked = sorted(
+            (c for c in self.candidates.values() if c.full), key=lambda c: (-c.train, c.order)
+        )
         finalists = ranked[: self.settings.validate_top]
-        validation: dict[str, float] = {}
-        if splits.validation:
-            scored = await self.scorer.score_many(
-                [c.text for c in finalists], splits.validation, "validation", step=-1
-            )
-            validation = {s.instruction: s.score for s in scored}
-            winner = max(finalists, key=lambda c: (validation[c.text], c.train, -c.order))
-        else:
-            winner = finalists[0]
-        # Only now, with the winner fixed, is the test split used.
         initial = [c.text for c in self.candidates.values() if c.step == 0]
+        validation: dict[str, float] = {}
         test: dict[str, float] = {}
-        if splits.test:
-            scored = await self.scorer.score_many(
-                list(dict.fromkeys([winner.text, *initial])), splits.test, "test", step=-1
-            )
-            test = {s.instruction: s.score for s in scored}
+        winner = finalists[0]
+        try:
+            if splits.validation:
+                scored = await self.scorer.score_many(
+                    [c.text for c in finalists], splits.validation, "validation", step=-1
+                )
+                validation = {s.instruction: s.score for s in scored}
+                winner = max(finalists, key=lambda c: (validation[c.text], c.train, -c.order))
+            # Only now, with the winner fixed, is the test split used.
+            if splits.test:
+                scored = await self.scorer.score_many(
+                    list(dict.fromkeys([winner.text, *initial])), splits.test, "test", step=-1
+                )
+                test = {s.instruction: s.score for s in scored}
+        except BudgetExceededError as exc:
+            log.warning("budget.spent", reason=str(exc), phase="final evaluation")
+            stop_reason = "budget"
         usage = self.store.usage(self.run_id)
         history = tuple(
             HistoryEntry(r.step, r.origin, r.instruction, r.train, r.validation, r.test)
@@ -465,6 +525,9 @@ class _Run:
             history=history,
             calls={"optimizer": usage["optimizer_calls"], "scorer": usage["scorer_calls"]},
             tokens={"prompt": usage["prompt_tokens"], "completion": usage["completion_tokens"]},
+            cost=round(self._spent_before().cost, 6) if self.resources.prices else None,
+            cache_hits=usage["cache_hits"],
+            saved_by_early_rejection=self.saved_calls,
             wall_seconds=time.perf_counter() - self.started,
             stop_reason=stop_reason,
             instruction_position=self.task.instruction_position,
@@ -476,6 +539,7 @@ class _Run:
             best_instruction=winner.text,
             scores=dict(result.scores),
             test_gain=result.test_gain,
+            stop_reason=stop_reason,
         )
         return result
 
@@ -488,6 +552,7 @@ async def evaluate_instruction(
     target: Runnable[Any, Any] | None = None,
     split: str = "test",
     concurrency: int = 8,
+    resources: RunResources | None = None,
     retry: RetryPolicy | None = None,
     config: RunnableConfig | None = None,
 ) -> InstructionScore:
@@ -495,11 +560,22 @@ async def evaluate_instruction(
     if (scorer is None) == (target is None):
         raise ConfigError("give exactly one of scorer (a chat model) or target (a chain)")
     runnable: Runnable[Any, Any] = scorer if scorer is not None else target  # type: ignore[assignment]
+    res = resources or RunResources()
     store = RunStore(":memory:")
     run_id = store.create_run(task.name, {"evaluate": instruction})
+    identity = res.identities.get("scorer") or model_identity(runnable) if res.cache else None
+    policy = CallPolicy(
+        retry=retry or RetryPolicy(),
+        rate_limit_errors=res.rate_limit_errors,
+        cache=res.cache,
+        identity=identity,
+        meter=Meter(res.budget, observer=res.observer),
+        limits=res.rate_limits,
+        price=res.prices.get("scorer"),
+    )
     evaluator = Scorer(
         task,
-        Caller(runnable, tag="opro:scorer", retry=retry or RetryPolicy()),
+        Caller(runnable, tag="opro:scorer", policy=policy),
         "chat_model" if scorer is not None else "chain",
         store=store,
         run_id=run_id,

@@ -16,7 +16,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableConfig
 
 from opro_agent.candidates import instruction_key
-from opro_agent.errors import ConfigError, LLMCallsFailingError
+from opro_agent.errors import BudgetExceededError, ConfigError, LLMCallsFailingError
 from opro_agent.llm_calls import Caller
 from opro_agent.prompts import scorer_prompt
 from opro_agent.store import Evaluation, RunStore
@@ -132,6 +132,8 @@ class Scorer:
             self.attempted += 1
             try:
                 call = await self._caller(payload, config=self._config, metadata=metadata)
+            except BudgetExceededError:
+                raise
             except Exception as exc:  # any provider error: recorded as a 0, counted, bounded
                 result = Evaluation(example.id, split, None, 0.0, error=_describe(exc))
                 self._store.record_evaluation(self._run_id, key, result)
@@ -146,6 +148,7 @@ class Scorer:
             prompt_tokens=call.prompt_tokens,
             completion_tokens=call.completion_tokens,
             latency=call.latency,
+            cached=call.cached,
         )
         self._store.record_evaluation(self._run_id, key, result)
         return result

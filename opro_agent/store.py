@@ -80,6 +80,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, instruction_key, example_id)
     );
     """,
+    # Answers served by the response cache are recorded but were not paid for.
+    """
+    ALTER TABLE evaluations ADD COLUMN cached INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE optimizer_calls ADD COLUMN cached INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 
@@ -99,6 +104,7 @@ class OptimizerCall:
     error: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,7 @@ class Evaluation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency: float = 0.0
+    cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,7 +229,9 @@ class RunStore:
 
     def record_optimizer_call(self, run_id: str, step: int, idx: int, call: OptimizerCall) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO optimizer_calls VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO optimizer_calls (run_id, step, idx, output, error,"
+            " prompt_tokens, completion_tokens, created_at, cached)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 step,
@@ -232,6 +241,7 @@ class RunStore:
                 call.prompt_tokens,
                 call.completion_tokens,
                 time.time(),
+                int(call.cached),
             ),
         )
 
@@ -253,7 +263,9 @@ class RunStore:
 
     def record_evaluation(self, run_id: str, instruction_key: str, result: Evaluation) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO evaluations (run_id, instruction_key, split, example_id,"
+            " prediction, score, error, prompt_tokens, completion_tokens, latency, created_at,"
+            " cached) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 instruction_key,
@@ -266,6 +278,7 @@ class RunStore:
                 result.completion_tokens,
                 result.latency,
                 time.time(),
+                int(result.cached),
             ),
         )
 
@@ -298,23 +311,26 @@ class RunStore:
         ]
 
     def usage(self, run_id: str) -> dict[str, int]:
-        """Calls made and tokens spent by a run (failed attempts included: they were paid)."""
-        opt = self._db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0)"
-            " FROM optimizer_calls WHERE run_id = ?",
-            (run_id,),
-        ).fetchone()
-        sc = self._db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0)"
-            " FROM evaluations WHERE run_id = ?",
-            (run_id,),
-        ).fetchone()
-        return {
-            "optimizer_calls": opt[0],
-            "scorer_calls": sc[0],
-            "prompt_tokens": opt[1] + sc[1],
-            "completion_tokens": opt[2] + sc[2],
-        }
+        """Calls paid for and tokens spent by a run (failed attempts count: they were made).
+
+        Answers served from the response cache are counted apart, as `cache_hits`.
+        """
+        totals = {"cache_hits": 0}
+        for table, role in (("optimizer_calls", "optimizer"), ("evaluations", "scorer")):
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(1 - cached), 0), COALESCE(SUM(cached), 0),"
+                " COALESCE(SUM(prompt_tokens * (1 - cached)), 0),"
+                f" COALESCE(SUM(completion_tokens * (1 - cached)), 0) FROM {table}"
+                " WHERE run_id = ?",
+                (run_id,),
+            ).fetchone()
+            totals[f"{role}_calls"] = row[0]
+            totals[f"{role}_prompt_tokens"] = row[2]
+            totals[f"{role}_completion_tokens"] = row[3]
+            totals["cache_hits"] += row[1]
+            totals["prompt_tokens"] = totals.get("prompt_tokens", 0) + row[2]
+            totals["completion_tokens"] = totals.get("completion_tokens", 0) + row[3]
+        return totals
 
     def failed_evaluations(self, run_id: str) -> int:
         row = self._db.execute(
@@ -340,4 +356,5 @@ def _evaluation(row: sqlite3.Row) -> Evaluation:
         prompt_tokens=row["prompt_tokens"],
         completion_tokens=row["completion_tokens"],
         latency=row["latency"],
+        cached=bool(row["cached"]),
     )

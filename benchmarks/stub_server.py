@@ -1,0 +1,180 @@
+"""A minimal OpenAI-compatible chat-completions stub for benchmarks.
+
+Every POST /v1/chat/completions is answered with one choice whose content is a fixed short
+answer ("yes") and a `usage` block, after `--latency-ms` of `asyncio.sleep` (so concurrent
+requests overlap, as they would on a real server); GET /v1/models lists the one model, and
+GET /stats says how many completions were served (`completions_served`), so a benchmark can
+check that every call it timed reached the server.
+It is a raw ASGI callable served by uvicorn (one worker, warnings only, no access log), so
+the server does as little work per request as possible.
+
+    python benchmarks/stub_server.py --port 8000 --latency-ms 100
+
+or, from Python::
+
+    with running_stub(latency_ms=0) as base_url:  # "http://127.0.0.1:PORT/v1"
+        ChatOpenAI(base_url=base_url, api_key="unused", model="stub")
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import Any
+
+__all__ = ["ANSWER", "completions_served", "make_app", "running_stub"]
+
+ANSWER = "yes"
+MODEL = "stub"
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-stub",
+        "object": "chat.completion",
+        "created": 0,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": ANSWER},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
+    }
+).encode()
+_MODELS = json.dumps(
+    {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "stub"}]}
+).encode()
+_NOT_FOUND = json.dumps({"error": {"message": "not found", "type": "invalid_request_error"}})
+
+
+def make_app(latency_ms: float) -> App:
+    """The ASGI app: a fixed completion after `latency_ms`, the model list, 404 otherwise."""
+    latency = latency_ms / 1000
+    served = 0
+
+    async def respond(send: Send, status: int, body: bytes) -> None:
+        headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal served
+        if scope["type"] != "http":
+            return
+        # Drain the request body (the stub does not need to parse it).
+        more = True
+        while more:
+            message = await receive()
+            more = message.get("more_body", False)
+        method, path = scope["method"], scope["path"].rstrip("/")
+        if method == "POST" and path == "/v1/chat/completions":
+            if latency > 0:
+                await asyncio.sleep(latency)
+            served += 1
+            await respond(send, 200, _COMPLETION)
+        elif method == "GET" and path == "/v1/models":
+            await respond(send, 200, _MODELS)
+        elif method == "GET" and path == "/stats":
+            await respond(send, 200, json.dumps({"completions": served}).encode())
+        else:
+            await respond(send, 404, _NOT_FOUND.encode())
+
+    return app
+
+
+def serve(host: str, port: int, latency_ms: float) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        make_app(latency_ms),
+        host=host,
+        port=port,
+        workers=1,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def completions_served(base_url: str) -> int:
+    """How many chat completions the stub at `base_url` (".../v1") has answered so far."""
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/stats", timeout=5) as response:
+        return int(json.load(response)["completions"])
+
+
+@contextlib.contextmanager
+def running_stub(latency_ms: float, *, startup_timeout: float = 20.0) -> Iterator[str]:
+    """Run the stub in a subprocess on a free loopback port; yield its base URL (".../v1")."""
+    for _attempt in range(3):  # another process may take the free port before uvicorn binds it
+        port = _free_port()
+        base_url = f"http://127.0.0.1:{port}/v1"
+        command = [sys.executable, __file__, "--port", str(port), "--latency-ms", str(latency_ms)]
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while process.poll() is None and time.monotonic() < deadline:
+                if _answers(f"{base_url}/models"):
+                    break
+                time.sleep(0.05)
+            else:
+                if process.poll() is None:
+                    raise RuntimeError(f"the stub server did not answer within {startup_timeout}s")
+                continue  # it exited (port taken?): try another port
+            yield base_url
+            return
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    raise RuntimeError("the stub server failed to start (exited three times)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="delay before each answer")
+    args = parser.parse_args(argv)
+    serve(args.host, args.port, args.latency_ms)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""What a run returns: the winner, its scores, the baselines and the whole history."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from langchain_core.prompts import ChatPromptTemplate
+
+from opro_agent.prompts import InstructionPosition, scorer_prompt
+
+__all__ = ["HistoryEntry", "OptimizationResult"]
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    step: int
+    origin: str  # "initial" or "optimizer"
+    instruction: str
+    train: float | None  # on the training examples it was scored on (all, unless rejected early)
+    validation: float | None
+    test: float | None
+
+
+@dataclass(frozen=True)
+class OptimizationResult:
+    run_id: str
+    task: str
+    best_instruction: str
+    scores: Mapping[str, float | None]  # the winner's train / validation / test scores
+    baselines: Mapping[str, float]  # initial instruction -> test score
+    history: tuple[HistoryEntry, ...]
+    calls: Mapping[str, int]  # paid calls: optimizer, scorer
+    tokens: Mapping[str, int]  # prompt, completion
+    cost: float | None  # USD, when prices are known
+    cache_hits: int
+    saved_by_early_rejection: int  # scorer calls not made thanks to racing
+    wall_seconds: float
+    stop_reason: str  # steps | patience | target_score | budget
+    instruction_position: InstructionPosition
+    input_fields: tuple[str, ...]
+
+    @property
+    def test_gain(self) -> float | None:
+        """Winner's test score minus the best initial instruction's."""
+        test = self.scores.get("test")
+        if test is None or not self.baselines:
+            return None
+        return test - max(self.baselines.values())
+
+    def to_prompt_template(self) -> ChatPromptTemplate:
+        """The exact prompt the scorer saw for the winner; its variables are the input fields."""
+        return scorer_prompt(self.best_instruction, self.instruction_position, self.input_fields)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary the CLI prints."""
+        return {
+            "run_id": self.run_id,
+            "task": self.task,
+            "best_instruction": self.best_instruction,
+            "scores": dict(self.scores),
+            "baselines": dict(self.baselines),
+            "test_gain": self.test_gain,
+            "calls": dict(self.calls),
+            "tokens": dict(self.tokens),
+            "cost": self.cost,
+            "cache_hits": self.cache_hits,
+            "saved_by_early_rejection": self.saved_by_early_rejection,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "stop_reason": self.stop_reason,
+        }
