@@ -40,7 +40,7 @@ from importlib.metadata import version
 
 from langchain_core.messages import BaseMessage
 from langchain_openai import ChatOpenAI
-from stub_server import ANSWER, running_stub
+from stub_server import ANSWER, completions_served, running_stub
 
 from opro_agent.optimizer import evaluate_instruction
 from opro_agent.prompts import scorer_prompt
@@ -99,14 +99,23 @@ def chat_model(base_url: str) -> ChatOpenAI:
     return ChatOpenAI(base_url=base_url, api_key="unused", model="stub", max_retries=0)  # type: ignore[arg-type]
 
 
+def check_served(setting: Setting, before: int, side: str) -> None:
+    """Every timed call must have reached the server (no cache, no short cut)."""
+    served = completions_served(setting.base_url) - before
+    if served != setting.calls:
+        raise RuntimeError(f"{side}: the stub served {served} completions, not {setting.calls}")
+
+
 async def run_ours(setting: Setting, task: Task) -> float:
     """Wall seconds of one `evaluate_instruction` over the test split."""
     llm = chat_model(setting.base_url)
+    before = completions_served(setting.base_url)
     started = time.perf_counter()
     score = await evaluate_instruction(
         task, INSTRUCTION, scorer=llm, split="test", concurrency=setting.concurrency
     )
     wall = time.perf_counter() - started
+    check_served(setting, before, "ours")
     errors = [r.error for r in score.results.values() if r.error is not None]
     if len(score.results) != setting.calls or errors:
         raise RuntimeError(
@@ -119,9 +128,11 @@ async def run_ours(setting: Setting, task: Task) -> float:
 async def run_raw(setting: Setting, messages: Sequence[list[BaseMessage]]) -> float:
     """Wall seconds of one raw `abatch` over the same messages."""
     llm = chat_model(setting.base_url)
+    before = completions_served(setting.base_url)
     started = time.perf_counter()
     outputs = await llm.abatch(list(messages), config={"max_concurrency": setting.concurrency})
     wall = time.perf_counter() - started
+    check_served(setting, before, "raw")
     if len(outputs) != setting.calls or any(o.content != ANSWER for o in outputs):
         raise RuntimeError(f"raw: unexpected outputs (first: {outputs[:1]!r})")
     return wall

@@ -3,27 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
 import structlog
+from tqdm import tqdm
 
+from opro_agent.budget import Budget
+from opro_agent.cache import ResponseCache
 from opro_agent.errors import ConfigError, LLMCallsFailingError, OproError
+from opro_agent.estimate import estimate_run
+from opro_agent.llm_calls import RateLimits
 from opro_agent.meta_prompt import MetaPromptTemplate
 from opro_agent.optimizer import OproOptimizer, evaluate_instruction
-from opro_agent.providers import LOCAL, ModelOptions, Models, ModelSpec, redact_url
+from opro_agent.pricing import Price, PriceTable
+from opro_agent.providers import (
+    LOCAL,
+    ModelOptions,
+    Models,
+    ModelSpec,
+    rate_limit_errors,
+    redact_url,
+)
 from opro_agent.result import OptimizationResult
-from opro_agent.settings import OproSettings
+from opro_agent.settings import OproSettings, RunResources
 from opro_agent.store import DB_FILENAME, RunStore
 from opro_agent.task import Task
+from opro_agent.tokens import tiktoken_available
 
 __all__ = ["main"]
 
@@ -53,6 +69,16 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
 
 
@@ -87,6 +113,20 @@ def _build_parser() -> _Parser:
     )
     opt.add_argument("--meta-prompt", help="built-in template (chat, text) or a folder")
     opt.add_argument("--seed", type=int, help="seed of the search (default 0)")
+    opt.add_argument(
+        "--no-early-rejection",
+        action="store_true",
+        help="score every candidate on the whole train split (OPRO's policy)",
+    )
+    opt.add_argument("--max-calls", type=_positive_int, help="stop cleanly after this many calls")
+    opt.add_argument("--max-tokens", type=_positive_int, help="... after this many tokens")
+    opt.add_argument("--max-cost", type=_positive_float, help="... after this many USD")
+    opt.add_argument(
+        "--prices", type=Path, metavar="YAML", help="USD per 1M tokens by model, added to defaults"
+    )
+    opt.add_argument(
+        "--dry-run", action="store_true", help="print projected calls, tokens and cost; stop"
+    )
     opt.add_argument("--json", action="store_true", help="end stdout with a JSON summary")
     opt.set_defaults(handler=_cmd_optimize)
 
@@ -131,6 +171,12 @@ def _add_model_flags(parser: argparse.ArgumentParser, roles: Sequence[str]) -> N
         )
     parser.add_argument("--local-model", type=Path, metavar="GGUF", help="GGUF file for 'local'")
     parser.add_argument("--concurrency", type=_positive_int, help="requests in flight (default 8)")
+    parser.add_argument("--rpm", type=_positive_float, help="requests per minute, all calls")
+    parser.add_argument("--tpm", type=_positive_float, help="tokens per minute, all calls")
+    parser.add_argument("--no-cache", action="store_true", help="do not use the response cache")
+    parser.add_argument(
+        "--cache-dir", type=Path, help="response cache folder (default ~/.cache/opro-agent)"
+    )
     parser.add_argument(
         "--run-dir", type=Path, default=Path("runs"), help="where runs are stored (./runs)"
     )
@@ -207,25 +253,43 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     task = Task.from_yaml(job.task_path)
     # Everything that can be wrong with the input is found before a model server starts.
     MetaPromptTemplate.load(job.settings.meta_prompt)
-    optimizer_spec = ModelSpec.parse(job.optimizer, flag="--optimizer")
-    scorer_spec = ModelSpec.parse(job.scorer, flag="--scorer")
-    optimizer_options = ModelOptions(1.0, OPTIMIZER_MAX_TOKENS, job.optimizer_url)
-    scorer_options = ModelOptions(0.0, task.answer_max_tokens, job.scorer_url)
+    specs = {
+        "optimizer": ModelSpec.parse(job.optimizer, flag="--optimizer"),
+        "scorer": ModelSpec.parse(job.scorer, flag="--scorer"),
+    }
+    options = {
+        "optimizer": ModelOptions(1.0, OPTIMIZER_MAX_TOKENS, job.optimizer_url),
+        "scorer": ModelOptions(0.0, task.answer_max_tokens, job.scorer_url),
+    }
+    prices = _prices(args, specs)
+    if args.dry_run:
+        _print_estimate(task, job.settings, prices, as_json=args.json)
+        return 0
+    budget = Budget(args.max_calls, args.max_tokens, args.max_cost)
     store = store or RunStore.open(args.run_dir)
-    with Models(log_dir=args.run_dir, local_model=job.local_model) as models:
-        metadata = job.run_metadata()
-        metadata["models"] = {
-            "optimizer": models.identity(optimizer_spec, optimizer_options),
-            "scorer": models.identity(scorer_spec, scorer_options),
-        }
+    with (
+        Models(log_dir=args.run_dir, local_model=job.local_model) as models,
+        _progress(enabled=not args.json and sys.stdout.isatty()) as observer,
+    ):
+        identities = {role: models.identity(specs[role], options[role]) for role in specs}
+        metadata = {**job.run_metadata(), "models": identities}
         optimizer = OproOptimizer(
-            models.chat_model(optimizer_spec, optimizer_options, flag="--optimizer"),
-            models.chat_model(scorer_spec, scorer_options, flag="--scorer"),
+            models.chat_model(specs["optimizer"], options["optimizer"], flag="--optimizer"),
+            models.chat_model(specs["scorer"], options["scorer"], flag="--scorer"),
             settings=job.settings,
+            resources=RunResources(
+                cache=None if args.no_cache else ResponseCache.open(args.cache_dir),
+                budget=budget,
+                rate_limits=RateLimits(args.rpm, args.tpm),
+                observer=observer,
+                prices={role: p for role, p in prices.items() if p is not None},
+                identities={role: json.dumps(i, sort_keys=True) for role, i in identities.items()},
+                rate_limit_errors=rate_limit_errors(),
+            ),
             store=store,
             run_id=job.resume,
             run_metadata=metadata,
-            seed_optimizer_calls=optimizer_spec.accepts_seed,
+            seed_optimizer_calls=specs["optimizer"].accepts_seed,
         )
         try:
             result = optimizer.invoke(task)
@@ -234,6 +298,86 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
             raise
     _print_result(result, as_json=args.json)
     return 0
+
+
+def _prices(args: argparse.Namespace, specs: dict[str, ModelSpec]) -> dict[str, Price | None]:
+    table = PriceTable.from_yaml(args.prices) if args.prices else PriceTable.default()
+    prices = {role: table.price(str(spec)) for role, spec in specs.items()}
+    if args.max_cost is not None:
+        for role, price in prices.items():
+            if price is None:
+                raise ConfigError(
+                    f"no price known for {specs[role]}; add it with --prices FILE.yaml",
+                    field="--max-cost",
+                )
+    return prices
+
+
+class _ProgressBar:
+    """A terminal progress bar: step, best train score, calls, tokens, cost, ETA."""
+
+    def __init__(self) -> None:
+        self._bar = tqdm(total=0, unit="call", dynamic_ncols=True, file=sys.stderr, leave=False)
+        self._tokens = 0
+        self._cost = 0.0
+        self._cached = 0
+
+    def on_plan(self, calls: int) -> None:
+        self._bar.total = self._bar.n + calls
+        self._bar.refresh()
+
+    def on_call(self, role: str, *, cached: bool, tokens: int, cost: float) -> None:
+        self._tokens += tokens
+        self._cost += cost
+        self._cached += cached
+        self._bar.set_postfix_str(
+            f"tokens {self._tokens} ${self._cost:.4f} cached {self._cached}", refresh=False
+        )
+        self._bar.update(1)
+
+    def on_step(self, step: int, best_train: float) -> None:
+        self._bar.set_description(f"step {step} best {best_train:.3f}")
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+@contextmanager
+def _progress(*, enabled: bool) -> Iterator[_ProgressBar | None]:
+    if not enabled:
+        yield None
+        return
+    bar = _ProgressBar()
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _print_estimate(
+    task: Task, settings: OproSettings, prices: dict[str, Price | None], *, as_json: bool
+) -> None:
+    estimate = estimate_run(
+        task, settings, optimizer_max_tokens=OPTIMIZER_MAX_TOKENS, prices=prices
+    )
+    figures = {
+        "task": task.name,
+        "calls": {"optimizer": estimate.optimizer_calls, "scorer": estimate.scorer_calls},
+        "tokens": {"prompt": estimate.prompt_tokens, "completion": estimate.completion_tokens},
+        "cost": None if estimate.cost is None else round(estimate.cost, 4),
+        "token_counts": "tiktoken" if tiktoken_available() else "estimated (~4 chars/token)",
+    }
+    if as_json:
+        print(json.dumps(figures))
+        return
+    cost = "unknown (no price for a model)" if estimate.cost is None else f"${estimate.cost:.4f}"
+    print(f"Projected for {task.name} (at most; early rejection and the cache spend less):")
+    print(f"  calls:  optimizer {estimate.optimizer_calls}, scorer {estimate.scorer_calls}")
+    print(
+        f"  tokens: {estimate.prompt_tokens} prompt, {estimate.completion_tokens} completion "
+        f"({figures['token_counts']})"
+    )
+    print(f"  cost:   {cost}")
 
 
 def _settings_from_flags(args: argparse.Namespace) -> OproSettings:
@@ -246,6 +390,7 @@ def _settings_from_flags(args: argparse.Namespace) -> OproSettings:
         "meta_prompt": args.meta_prompt,
         "seed": args.seed,
         "concurrency": args.concurrency,
+        "early_rejection": False if args.no_early_rejection else None,
     }
     return OproSettings(**{k: v for k, v in given.items() if v is not None})
 
@@ -273,10 +418,12 @@ def _print_result(result: OptimizationResult, *, as_json: bool) -> None:
         print(f"Baseline {text!r}: test {_fmt(score)}")
     if result.test_gain is not None:
         print(f"Held-out gain over the best initial instruction: {result.test_gain:+.3f}")
+    cost = "" if result.cost is None else f"; ${result.cost:.4f}"
     print(
-        f"Calls: optimizer {result.calls['optimizer']}, scorer {result.calls['scorer']}; "
-        f"tokens: {result.tokens['prompt']} prompt, {result.tokens['completion']} completion; "
-        f"{result.wall_seconds:.1f} s"
+        f"Calls: optimizer {result.calls['optimizer']}, scorer {result.calls['scorer']} "
+        f"({result.cache_hits} answered from cache, {result.saved_by_early_rejection} saved by "
+        f"early rejection); tokens: {result.tokens['prompt']} prompt, "
+        f"{result.tokens['completion']} completion{cost}; {result.wall_seconds:.1f} s"
     )
 
 
@@ -290,8 +437,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     options = ModelOptions(0.0, task.answer_max_tokens, args.scorer_base_url)
     with Models(log_dir=args.run_dir, local_model=args.local_model) as models:
         model = models.chat_model(spec, options, flag="--scorer")
-        import asyncio
-
         scored = asyncio.run(
             evaluate_instruction(
                 task,
@@ -299,6 +444,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 scorer=model,
                 split=args.split,
                 concurrency=args.concurrency or 8,
+                resources=RunResources(
+                    cache=None if args.no_cache else ResponseCache.open(args.cache_dir),
+                    rate_limits=RateLimits(args.rpm, args.tpm),
+                    identities={"scorer": json.dumps(models.identity(spec, options))},
+                    rate_limit_errors=rate_limit_errors(),
+                ),
             )
         )
     failed = sum(1 for r in scored.results.values() if r.error)
@@ -436,7 +587,11 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(as_json=args.log_json, quiet=args.quiet)
+    # The progress bar replaces the per-candidate log lines on a terminal.
+    shows_progress = args.command == "optimize" and not args.json and sys.stdout.isatty()
+    _configure_logging(
+        as_json=args.log_json, quiet=args.quiet or (shows_progress and not args.log_json)
+    )
     signal.signal(signal.SIGTERM, _interrupt)  # a polite kill stops like Ctrl-C: cleanly
     try:
         code: int = args.handler(args)

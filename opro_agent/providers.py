@@ -7,6 +7,7 @@ LangChain's `init_chat_model` knows.
 
 from __future__ import annotations
 
+import importlib
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from langchain_core.language_models import BaseChatModel
 from opro_agent.errors import ConfigError
 from opro_agent.local_server import LocalServer, find_embedded_model
 
-__all__ = ["LOCAL", "ModelOptions", "ModelSpec", "Models", "redact_url"]
+__all__ = ["LOCAL", "ModelOptions", "ModelSpec", "Models", "rate_limit_errors", "redact_url"]
 
 LOCAL = "local"
 
@@ -58,6 +59,20 @@ class ModelOptions:
     max_tokens: int | None = None
     base_url: str | None = None
     timeout: float = 120.0
+
+
+def rate_limit_errors() -> tuple[type[BaseException], ...]:
+    """The exception types installed providers raise for HTTP 429 (rate limited)."""
+    found: list[type[BaseException]] = []
+    for module_name in ("openai", "anthropic", "groq", "mistralai"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        error = getattr(module, "RateLimitError", None)
+        if isinstance(error, type) and issubclass(error, BaseException):
+            found.append(error)
+    return tuple(found)
 
 
 def redact_url(url: str | None) -> str | None:

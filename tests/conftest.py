@@ -56,6 +56,14 @@ def scorer_reply(messages: Sequence[BaseMessage], metadata: Mapping[str, Any]) -
     return "That is an interesting question."
 
 
+@pytest.fixture(autouse=True)
+def _private_cache_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI caches responses under XDG_CACHE_HOME: keep each test's cache to itself."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 @pytest.fixture
 def yes_no_task() -> Task:
     return Task.from_records(
