@@ -57,11 +57,13 @@ def scorer_reply(messages: Sequence[BaseMessage], metadata: Mapping[str, Any]) -
 
 
 @pytest.fixture(autouse=True)
-def _private_cache_dir(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The CLI caches responses under XDG_CACHE_HOME: keep each test's cache to itself."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The CLI caches responses under XDG_CACHE_HOME: keep each test's cache to itself.
+
+    (Its own MonkeyPatch, so tests' `monkeypatch` fixtures are undone before it.)"""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
 
 
 @pytest.fixture
