@@ -126,18 +126,22 @@ class Models:
 
     def identity(self, spec: ModelSpec, options: ModelOptions) -> dict[str, Any]:
         """What identifies a model's answers (stored with a run); never credentials."""
-        base_url = options.base_url
-        if spec.provider == "openai":
-            base_url = base_url or os.environ.get("OPENAI_BASE_URL")
-        if spec.provider == LOCAL:
-            model = self._local_model or "embedded SmolLM2-135M-Instruct"
-            base_url = str(model)
-        return {
+        identity: dict[str, Any] = {
             "spec": str(spec),
-            "base_url": redact_url(base_url),
             "temperature": options.temperature,
             "max_tokens": options.max_tokens,
         }
+        if spec.provider == LOCAL:
+            # The weights, not the (random) port, decide what the local server answers.
+            model_file = self._local_model or find_embedded_model()
+            size = model_file.stat().st_size if model_file.is_file() else None
+            identity["model_file"] = f"{model_file.name}:{size}"
+        else:
+            base_url = options.base_url
+            if spec.provider == "openai":
+                base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+            identity["base_url"] = redact_url(base_url)
+        return identity
 
     def _local_server(self) -> LocalServer:
         if self._server is None:
