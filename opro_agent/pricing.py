@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-import yaml
-
 from opro_agent.errors import ConfigError
+from opro_agent.files import read_yaml
 
 __all__ = ["DEFAULT_PRICES", "Price", "PriceTable"]
 
@@ -104,17 +103,7 @@ class PriceTable:
         """The defaults plus a YAML mapping `spec: {input: USD, output: USD}` per 1M tokens."""
         path = Path(path)
         src = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError("no such file", source=src) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read: {exc}", source=src) from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or "invalid YAML"
-            raise ConfigError(f"invalid YAML{where}: {problem}", source=src) from None
+        raw = read_yaml(path)
         if raw is None:
             return cls()
         if not isinstance(raw, dict):

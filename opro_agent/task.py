@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import yaml
-
 from opro_agent.errors import ConfigError
+from opro_agent.files import read_yaml
 from opro_agent.metrics import METRIC_NAMES, Metric, get_metric, metric_from_callable
 from opro_agent.prompts import INSTRUCTION_POSITIONS, InstructionPosition, render_question
 
@@ -128,17 +127,7 @@ class Task:
         """Load and validate a task file; every problem is a ConfigError naming the field."""
         path = Path(path)
         src = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError("no such file", source=src) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read: {exc}", source=src) from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or "invalid YAML"
-            raise ConfigError(f"invalid YAML{where}: {problem}", source=src) from None
+        raw = read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError("a task file must be a mapping of fields", source=src)
         _reject_unknown(raw, _TOP_FIELDS, src, "")
