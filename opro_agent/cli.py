@@ -276,7 +276,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
             resources=RunResources(
                 cache=None if args.no_cache else ResponseCache.open(args.cache_dir),
                 budget=budget,
-                rate_limits=RateLimits(args.rpm, args.tpm),
+                rate_limits=_rate_limits(args),
                 observer=observer,
                 prices={role: p for role, p in prices.items() if p is not None},
                 identities={role: json.dumps(i, sort_keys=True) for role, i in identities.items()},
@@ -294,6 +294,10 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
             raise
     _print_result(result, as_json=args.json)
     return 0
+
+
+def _rate_limits(args: argparse.Namespace) -> RateLimits | None:
+    return RateLimits(args.rpm, args.tpm) if args.rpm or args.tpm else None
 
 
 def _prices(args: argparse.Namespace, specs: dict[str, ModelSpec]) -> dict[str, Price | None]:
@@ -442,7 +446,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 concurrency=args.concurrency or 8,
                 resources=RunResources(
                     cache=None if args.no_cache else ResponseCache.open(args.cache_dir),
-                    rate_limits=RateLimits(args.rpm, args.tpm),
+                    rate_limits=_rate_limits(args),
                     identities={"scorer": json.dumps(models.identity(spec, options))},
                     rate_limit_errors=rate_limit_errors(),
                 ),
