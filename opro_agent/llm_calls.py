@@ -87,10 +87,14 @@ class CallPolicy:
 
 
 class Caller:
-    """Calls one Runnable in one role (tag); built once, called many times."""
+    """Calls one Runnable in one role ("optimizer" or "scorer"); built once, called often.
 
-    def __init__(self, runnable: Runnable[Any, Any], *, tag: str, policy: CallPolicy) -> None:
-        self.tag = tag
+    Every call is tagged `opro:<role>` for tracers.
+    """
+
+    def __init__(self, runnable: Runnable[Any, Any], *, role: str, policy: CallPolicy) -> None:
+        self.role = role
+        self.tag = f"opro:{role}"
         self.policy = policy
         retry = policy.retry
         if policy.rate_limit_errors:
@@ -134,7 +138,7 @@ class Caller:
             hit = policy.cache.get(key)
             if hit is not None:
                 if policy.meter is not None:
-                    policy.meter.end(self.tag, hit[1], hit[2], 0.0, paid=False)
+                    policy.meter.end(self.role, hit[1], hit[2], 0.0, paid=False)
                 return CallResult(hit[0], hit[1], hit[2], 0.0, cached=True)
         if policy.meter is not None:
             policy.meter.begin()

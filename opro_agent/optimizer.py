@@ -200,12 +200,12 @@ class _Run:
         # Unseeded samples must stay random: only seeded optimizer calls are cacheable.
         self.proposer = Caller(
             owner.optimizer,
-            tag="opro:optimizer",
+            role="optimizer",
             policy=policy("optimizer", owner.optimizer, self.seed_calls),
         )
         self.scorer = Scorer(
             task,
-            Caller(owner.target, tag="opro:scorer", policy=policy("scorer", owner.target, True)),
+            Caller(owner.target, role="scorer", policy=policy("scorer", owner.target, True)),
             owner.target_kind,
             store=store,
             run_id=run_id,
@@ -259,7 +259,10 @@ class _Run:
         for step in range(1, self.settings.steps + 1):
             if self._reached_target(best):
                 return "target_score"
-            if not self.meter.affordable(self._step_calls(splits) + self._final_calls(splits)):
+            # A step an earlier session began replays from the store; it is not charged again.
+            replayed = self.store.optimizer_call(self.run_id, step, 0) is not None
+            needed = self._step_calls(splits) + self._final_calls(splits)
+            if not replayed and not self.meter.affordable(needed):
                 log.warning("budget.stop", step=step, spent=self.meter.spent.calls)
                 return "budget"
             texts = await self._propose(step, splits.train)
@@ -289,7 +292,7 @@ class _Run:
 
     def _plan(self, splits: TaskSplits, steps_left: int) -> None:
         if self.observer is not None:
-            initial = 0 if self.candidates else len(self.task.initial_instructions)
+            initial = 0 if self.candidates else len(set(self.task.initial_instructions))
             self.observer.on_plan(
                 initial * len(splits.train)
                 + steps_left * self._step_calls(splits)
@@ -453,12 +456,13 @@ class _Run:
             alive = [r.instruction for r in scored if r.instruction in keep]
             size *= 2
 
-    def _survivors(self, scored: Sequence[InstructionScore]) -> set[str]:
-        """The better half, and any that match or beat the best full-train score so far."""
-        incumbent = self._best_train()
-        ranked = sorted(scored, key=lambda r: -r.score)
-        keep = {r.instruction for r in ranked[: math.ceil(len(ranked) / 2)]}
-        return keep | {r.instruction for r in scored if r.score >= incumbent}
+    @staticmethod
+    def _survivors(scored: Sequence[InstructionScore]) -> set[str]:
+        """Successive halving: the better half go on; ties at the cut go on too, since a
+        few examples cannot tell them apart."""
+        ranked = sorted((r.score for r in scored), reverse=True)
+        cut = ranked[math.ceil(len(ranked) / 2) - 1]
+        return {r.instruction for r in scored if r.score >= cut}
 
     def _add(self, result: InstructionScore, step: int, *, full: bool) -> None:
         key = dedupe_key(result.instruction)
@@ -575,7 +579,7 @@ async def evaluate_instruction(
     )
     evaluator = Scorer(
         task,
-        Caller(runnable, tag="opro:scorer", policy=policy),
+        Caller(runnable, role="scorer", policy=policy),
         "chat_model" if scorer is not None else "chain",
         store=store,
         run_id=run_id,

@@ -138,12 +138,12 @@ class RunStore:
         try:
             # Committed rows must survive the process; one writer (the event loop thread).
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
         except sqlite3.Error as exc:
-            raise RunStoreError(f"{self.path}: cannot open the run store: {exc}") from None
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._migrate()
+            raise RunStoreError(f"{self.path}: not a usable run store: {exc}") from None
 
     @classmethod
     def open(cls, run_dir: str | Path) -> RunStore:
