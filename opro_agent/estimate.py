@@ -15,10 +15,21 @@ from opro_agent.meta_prompt import Exemplar, MetaPromptTemplate, ScoredInstructi
 from opro_agent.pricing import Price
 from opro_agent.prompts import scorer_prompt
 from opro_agent.settings import OproSettings
-from opro_agent.task import Task
+from opro_agent.task import Task, TaskSplits
 from opro_agent.tokens import count_message_tokens
 
-__all__ = ["RunEstimate", "estimate_run"]
+__all__ = ["RunEstimate", "estimate_run", "final_calls", "step_calls"]
+
+
+def step_calls(settings: OproSettings, splits: TaskSplits) -> int:
+    """Calls one step can take at most: every candidate fully scored (no racing savings)."""
+    n = settings.candidates_per_step
+    return n + n * len(splits.train)
+
+
+def final_calls(settings: OproSettings, splits: TaskSplits, initial: int) -> int:
+    """Calls to pick the winner on validation and score it and the `initial` ones on test."""
+    return settings.validate_top * len(splits.validation) + (1 + initial) * len(splits.test)
 
 
 @dataclass(frozen=True)
@@ -48,11 +59,9 @@ def estimate_run(
     per_answer = [count_message_tokens(prompt.format_messages(**e.inputs)) for e in task.examples]
     mean_answer_prompt = sum(per_answer) / max(len(per_answer), 1)
 
-    n, steps = settings.candidates_per_step, settings.steps
-    scorer_calls = (len(initial) + steps * n) * len(splits.train)
-    scorer_calls += settings.validate_top * len(splits.validation)
-    scorer_calls += (1 + len(initial)) * len(splits.test)
-    optimizer_calls = steps * n
+    optimizer_calls = settings.steps * settings.candidates_per_step
+    scorer_calls = len(initial) * len(splits.train) + final_calls(settings, splits, len(initial))
+    scorer_calls += settings.steps * step_calls(settings, splits) - optimizer_calls
 
     template = MetaPromptTemplate.load(settings.meta_prompt)
     history = [ScoredInstruction(longest or "instruction", 0.5)] * settings.max_history

@@ -30,6 +30,7 @@ from opro_agent.candidates import (
     parse_instruction,
 )
 from opro_agent.errors import BudgetExceededError, ConfigError, LLMCallsFailingError, RunStoreError
+from opro_agent.estimate import final_calls, step_calls
 from opro_agent.llm_calls import Caller, CallPolicy, RetryPolicy
 from opro_agent.meta_prompt import (
     Exemplar,
@@ -280,15 +281,10 @@ class _Run:
     # -- planning --------------------------------------------------------------------------------
 
     def _step_calls(self, splits: TaskSplits) -> int:
-        """Calls one step can take at most (no racing savings assumed)."""
-        n = self.settings.candidates_per_step
-        return n + n * len(splits.train)
+        return step_calls(self.settings, splits)
 
     def _final_calls(self, splits: TaskSplits) -> int:
-        initial = len(set(self.task.initial_instructions))
-        return self.settings.validate_top * len(splits.validation) + (1 + initial) * len(
-            splits.test
-        )
+        return final_calls(self.settings, splits, len(set(self.task.initial_instructions)))
 
     def _plan(self, splits: TaskSplits, steps_left: int) -> None:
         if self.observer is not None:
