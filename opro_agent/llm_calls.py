@@ -17,6 +17,12 @@ from langchain_core.callbacks import UsageMetadataCallbackHandler
 from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import merge_configs
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential_jitter,
+)
 
 from opro_agent.budget import Meter
 from opro_agent.cache import ResponseCache
@@ -29,7 +35,7 @@ __all__ = ["CallPolicy", "CallResult", "Caller", "RateLimits", "RetryPolicy", "o
 @dataclass(frozen=True)
 class RetryPolicy:
     """Failures are retried with exponential backoff and jitter; rate-limit errors (429)
-    get more, longer tries and do not count as failures unless those run out too."""
+    get their own, more patient tries, and count as failures only when those run out."""
 
     attempts: int = 3
     initial_wait: float = 1.0
@@ -53,6 +59,12 @@ class RateLimits:
         if self._tokens is not None and self.tpm:
             # A request larger than the whole minute's allowance waits for a full minute.
             await self._tokens.acquire(min(tokens, self.tpm))
+
+
+class _UsageCounter(UsageMetadataCallbackHandler):
+    # It only adds numbers: run it on the event loop, not (LangChain's default for sync
+    # handlers under async calls) in a worker thread for every event.
+    run_inline = True
 
 
 @dataclass(frozen=True)
@@ -96,26 +108,30 @@ class Caller:
         self.role = role
         self.tag = f"opro:{role}"
         self.policy = policy
+        self._runnable = runnable
         retry = policy.retry
-        if policy.rate_limit_errors:
-            runnable = runnable.with_retry(
-                retry_if_exception_type=policy.rate_limit_errors,
-                stop_after_attempt=retry.rate_limit_attempts,
-                wait_exponential_jitter=True,
-                exponential_jitter_params={
-                    "initial": retry.initial_wait,
-                    "max": retry.rate_limit_max_wait,
-                    "jitter": retry.initial_wait,
-                },
-            )
-        self._runnable = runnable.with_retry(
-            stop_after_attempt=retry.attempts,
-            wait_exponential_jitter=True,
-            exponential_jitter_params={
-                "initial": retry.initial_wait,
-                "max": retry.max_wait,
-                "jitter": retry.initial_wait,
-            },
+        # tenacity directly rather than Runnable.with_retry: rate-limit errors need their own
+        # attempts and waits, and a wrapper Runnable per call costs a traced child run.
+        general = wait_exponential_jitter(
+            multiplier=retry.initial_wait, max=retry.max_wait, jitter=retry.initial_wait
+        )
+        patient = wait_exponential_jitter(
+            multiplier=retry.initial_wait, max=retry.rate_limit_max_wait, jitter=retry.initial_wait
+        )
+
+        def rate_limited(state: RetryCallState) -> bool:
+            error = state.outcome.exception() if state.outcome is not None else None
+            return isinstance(error, policy.rate_limit_errors)
+
+        def stop(state: RetryCallState) -> bool:
+            limit = retry.rate_limit_attempts if rate_limited(state) else retry.attempts
+            return state.attempt_number >= limit
+
+        def wait(state: RetryCallState) -> float:
+            return patient(state) if rate_limited(state) else general(state)
+
+        self._retrying = AsyncRetrying(
+            stop=stop, wait=wait, retry=retry_if_exception_type(Exception), reraise=True
         )
 
     async def __call__(
@@ -170,12 +186,12 @@ class Caller:
         metadata: Mapping[str, Any],
         kwargs: Mapping[str, Any],
     ) -> CallResult:
-        usage = UsageMetadataCallbackHandler()
+        usage = _UsageCounter()
         call_config = merge_configs(
             config, {"tags": [self.tag], "metadata": dict(metadata), "callbacks": [usage]}
         )
         started = time.perf_counter()
-        output = await self._runnable.ainvoke(payload, call_config, **kwargs)
+        output: Any = await self._retrying(self._runnable.ainvoke, payload, call_config, **kwargs)
         latency = time.perf_counter() - started
         tokens = usage.usage_metadata.values()
         return CallResult(
