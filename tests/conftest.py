@@ -4,8 +4,10 @@ depends on the instruction, so the loop has something real to find."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,10 +15,22 @@ from langchain_core.messages import BaseMessage
 
 from opro_agent import OproSettings, RetryPolicy, SplitSpec, Task
 from opro_agent.local_server import LocalServer, find_embedded_model
+from opro_agent.providers import ModelOptions, Models, ModelSpec
 from tests.fakes import ScriptedChatModel
 
 FACTS = [(f"Is {n} an even number?", "yes" if n % 2 == 0 else "no") for n in range(60)]
 TRUTH = dict(FACTS)
+
+# The conftest task as a YAML file (with FACTS written beside it by `task_file`).
+TASK_YAML = """\
+name: even_numbers
+description: Say whether a number is even.
+data:
+  path: facts.jsonl
+metric: boolean
+instruction_position: Q_begin
+split: {train: 20, validation: 10, test: 30, seed: 1}
+"""
 
 # What the fake optimizer proposes, by step; index = candidate number in the step.
 OPTIMIZER_SCRIPT: dict[int, list[str]] = {
@@ -109,3 +123,27 @@ def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS
     log_path = tmp_path_factory.mktemp("llama") / "server.log"
     with LocalServer(find_embedded_model(), log_path, n_ctx=4096) as server:
         yield server
+
+
+@pytest.fixture
+def task_file(tmp_path: Path) -> Path:
+    (tmp_path / "facts.jsonl").write_text(
+        "".join(json.dumps({"input": q, "target": a}) + "\n" for q, a in FACTS)
+    )
+    path = tmp_path / "even.yaml"
+    path.write_text(TASK_YAML)
+    return path
+
+
+@pytest.fixture
+def fake_models(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[ScriptedChatModel]]:
+    built: dict[str, list[ScriptedChatModel]] = {"--optimizer": [], "--scorer": []}
+    replies = {"--optimizer": optimizer_reply, "--scorer": scorer_reply}
+
+    def chat_model(self: Models, spec: ModelSpec, options: ModelOptions, *, flag: str) -> Any:
+        model = ScriptedChatModel(respond=replies[flag], name_for_usage=str(spec))
+        built[flag].append(model)
+        return model
+
+    monkeypatch.setattr(Models, "chat_model", chat_model)
+    return built

@@ -12,46 +12,13 @@ import pytest
 
 from opro_agent import cli
 from opro_agent.cache import default_cache_dir
-from opro_agent.providers import ModelOptions, Models, ModelSpec
+from opro_agent.providers import Models
 from opro_agent.store import DB_FILENAME, RunStore
 from opro_agent.task import Task
-from tests.conftest import FACTS, optimizer_reply, scorer_reply
+from tests.conftest import TASK_YAML
 from tests.fakes import ScriptedChatModel
 
-TASK_YAML = """\
-name: even_numbers
-description: Say whether a number is even.
-data:
-  path: facts.jsonl
-metric: boolean
-instruction_position: Q_begin
-split: {train: 20, validation: 10, test: 30, seed: 1}
-"""
 SMALL = ("--steps", "3", "--candidates", "4")
-
-
-@pytest.fixture
-def task_file(tmp_path: Path) -> Path:
-    (tmp_path / "facts.jsonl").write_text(
-        "".join(json.dumps({"input": q, "target": a}) + "\n" for q, a in FACTS)
-    )
-    path = tmp_path / "even.yaml"
-    path.write_text(TASK_YAML)
-    return path
-
-
-@pytest.fixture
-def fake_models(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[ScriptedChatModel]]:
-    built: dict[str, list[ScriptedChatModel]] = {"--optimizer": [], "--scorer": []}
-    replies = {"--optimizer": optimizer_reply, "--scorer": scorer_reply}
-
-    def chat_model(self: Models, spec: ModelSpec, options: ModelOptions, *, flag: str) -> Any:
-        model = ScriptedChatModel(respond=replies[flag], name_for_usage=str(spec))
-        built[flag].append(model)
-        return model
-
-    monkeypatch.setattr(Models, "chat_model", chat_model)
-    return built
 
 
 @pytest.fixture
