@@ -63,7 +63,6 @@ LOCAL_FIELD = "--optimizer/--scorer local"
 
 # Top-level modules `python -m llama_cpp.server` needs (llama-cpp-python[server]).
 _SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context")
-_LOG_TAIL_LINES = 5
 _POLL_INTERVAL = 0.2
 _STOP_GRACE = 10.0
 
@@ -357,16 +356,16 @@ class LocalServer:
             returncode = self._proc.poll()
             if returncode is not None:
                 raise LocalServerError(
-                    f"the local model server exited during startup (exit code {returncode}); "
-                    f"see {self.log_path}. Last lines:\n{self._log_tail()}"
+                    f"the local model server exited during startup (exit code {returncode}): "
+                    f"{self._last_log_line()} (full log: {self.log_path})"
                 )
             if self._models_ready(url):
                 return
             if time.monotonic() >= deadline:
                 self._signal(self._proc, signal.SIGKILL)
                 raise LocalServerError(
-                    f"the local model server did not answer within {self.startup_timeout:g} s; "
-                    f"see {self.log_path}. Last lines:\n{self._log_tail()}"
+                    f"the local model server did not answer within {self.startup_timeout:g} s: "
+                    f"{self._last_log_line()} (full log: {self.log_path})"
                 )
             time.sleep(_POLL_INTERVAL)
 
@@ -389,17 +388,17 @@ class LocalServer:
             )
         return True
 
-    def _log_tail(self) -> str:
+    def _last_log_line(self) -> str:
+        """The last line this start wrote to the log: where the server says what went wrong
+        (the error is one line; its traceback stays in the log)."""
         try:
             with self.log_path.open("rb") as log_file:
                 log_file.seek(self._log_offset)
                 text = log_file.read().decode("utf-8", errors="replace")
         except OSError as exc:
-            return f"  (cannot read {self.log_path}: {exc})"
-        lines = [line.rstrip() for line in text.splitlines() if line.strip()]
-        if not lines:
-            return "  (the log is empty)"
-        return "\n".join(f"  {line}" for line in lines[-_LOG_TAIL_LINES:])
+            return f"(cannot read the log: {exc})"
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return lines[-1] if lines else "(the log is empty)"
 
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
