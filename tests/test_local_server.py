@@ -226,7 +226,9 @@ def test_fake_server_runs_in_own_session(tmp_path: Path, model_file: Path) -> No
         assert os.getpgid(server.pid) != os.getpgid(0)
 
 
-def test_process_exiting_fails_fast_with_its_last_log_line(tmp_path: Path, model_file: Path) -> None:
+def test_process_exiting_fails_fast_with_its_last_log_line(
+    tmp_path: Path, model_file: Path
+) -> None:
     script = _script(tmp_path, "crash.py", CRASHING_SERVER)
     log_path = tmp_path / "server.log"
     log_path.write_text("old run line that must not be quoted\n")
