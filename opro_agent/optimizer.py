@@ -45,7 +45,7 @@ from opro_agent.settings import OproSettings, RunResources
 from opro_agent.store import OptimizerCall, RunStore
 from opro_agent.task import Example, Task, TaskSplits
 
-__all__ = ["OproOptimizer", "evaluate_instruction", "model_identity"]
+__all__ = ["OproOptimizer", "evaluate_instruction", "model_identity", "racing_survivors"]
 
 log = structlog.get_logger()
 
@@ -59,6 +59,15 @@ def model_identity(runnable: Runnable[Any, Any]) -> str | None:
         return None
     text = json.dumps(serialized, sort_keys=True, default=str)
     return None if '"not_implemented"' in text else text
+
+
+def racing_survivors(scores: Mapping[str, float], incumbent: float) -> set[str]:
+    """Successive halving that never drops a contender: the better half go on (ties at the
+    cut too), and so does any candidate scoring at or above `incumbent` (the best full-train
+    score so far)."""
+    ranked = sorted(scores.values(), reverse=True)
+    cut = min(ranked[math.ceil(len(ranked) / 2) - 1], incumbent)
+    return {text for text, score in scores.items() if score >= cut}
 
 
 @dataclass
@@ -437,7 +446,7 @@ class _Run:
                 for result in scored:
                     self._add(result, step, full=True)
                 return
-            keep = self._survivors(scored)
+            keep = racing_survivors({r.instruction: r.score for r in scored}, self._best_train())
             for result in scored:
                 if result.instruction not in keep:
                     self._add(result, step, full=False)
@@ -451,14 +460,6 @@ class _Run:
                     )
             alive = [r.instruction for r in scored if r.instruction in keep]
             size *= 2
-
-    @staticmethod
-    def _survivors(scored: Sequence[InstructionScore]) -> set[str]:
-        """Successive halving: the better half go on; ties at the cut go on too, since a
-        few examples cannot tell them apart."""
-        ranked = sorted((r.score for r in scored), reverse=True)
-        cut = ranked[math.ceil(len(ranked) / 2) - 1]
-        return {r.instruction for r in scored if r.score >= cut}
 
     def _add(self, result: InstructionScore, step: int, *, full: bool) -> None:
         key = dedupe_key(result.instruction)

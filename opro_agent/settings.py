@@ -35,8 +35,9 @@ class OproSettings:
     target_score: float | None = None  # stop once the best train score reaches this
     validate_top: int = 3  # best-on-train instructions compared on validation
     # Racing (APE's multi-stage evaluation, successive halving): new candidates are scored
-    # on `first_stage` training examples, then on twice as many, ...; at each stage only the
-    # better half (and ties) go on. Only fully scored candidates can win.
+    # on `first_stage` training examples, then on twice as many, ...; at each stage the
+    # better half go on, and so does any candidate at or above the best full-train score.
+    # Only fully scored candidates can win.
     early_rejection: bool = True
     first_stage: int = 5
     concurrency: int = 8

@@ -36,6 +36,7 @@ from opro_agent import (
 )
 from opro_agent.candidates import instruction_key
 from opro_agent.llm_calls import Caller, CallPolicy
+from opro_agent.optimizer import racing_survivors
 from opro_agent.store import MIGRATIONS
 from tests.conftest import FACTS, optimizer_reply, scorer_reply
 from tests.fakes import Responder, ScriptedChatModel
@@ -752,3 +753,21 @@ def test_a_file_that_is_not_a_run_store_is_refused_with_a_run_store_error(
     path.write_text("not a database\n" * 100)
     with pytest.raises(RunStoreError, match=str(path)):
         RunStore(path)
+
+
+@pytest.mark.parametrize(
+    ("scores", "incumbent", "survivors"),
+    [
+        # the better half go on
+        ({"a": 1.0, "b": 0.8, "c": 0.4, "d": 0.2}, 0.9, {"a", "b"}),
+        # ties at the cut go on too
+        ({"a": 1.0, "b": 0.6, "c": 0.6, "d": 0.2}, 0.9, {"a", "b", "c"}),
+        # a worse-half candidate at or above the incumbent is still a contender
+        ({"a": 1.0, "b": 0.8, "c": 0.4, "d": 0.2}, 0.4, {"a", "b", "c"}),
+        # an odd cohort keeps the larger half
+        ({"a": 0.2, "b": 0.4, "c": 0.0}, 1.0, {"a", "b"}),
+        ({"a": 0.0}, 1.0, {"a"}),
+    ],
+)
+def test_racing_survivors(scores: dict[str, float], incumbent: float, survivors: set[str]) -> None:
+    assert racing_survivors(scores, incumbent) == survivors
