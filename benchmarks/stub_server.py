@@ -112,6 +112,9 @@ def serve(host: str, port: int, latency_ms: float) -> None:
         log_level="warning",
         access_log=False,
         lifespan="off",
+        # Never close an idle keep-alive connection first: a client reusing it at that moment
+        # gets a connection error (the client's own pool expires idle connections after 5 s).
+        timeout_keep_alive=600,
     )
 
 

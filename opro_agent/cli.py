@@ -110,9 +110,9 @@ def _build_parser() -> _Parser:
     opt.add_argument("--meta-prompt", help="built-in template (chat, text) or a folder")
     opt.add_argument("--seed", type=int, help="seed of the search (default 0)")
     opt.add_argument(
-        "--no-early-rejection",
+        "--early-rejection",
         action="store_true",
-        help="score every candidate on the whole train split (OPRO's policy)",
+        help="race candidates on growing subsets of the train split (successive halving)",
     )
     opt.add_argument("--max-calls", type=_positive_int, help="stop cleanly after this many calls")
     opt.add_argument("--max-tokens", type=_positive_int, help="... after this many tokens")
@@ -390,7 +390,7 @@ def _settings_from_flags(args: argparse.Namespace) -> OproSettings:
         "meta_prompt": args.meta_prompt,
         "seed": args.seed,
         "concurrency": args.concurrency,
-        "early_rejection": False if args.no_early_rejection else None,
+        "early_rejection": True if args.early_rejection else None,
     }
     return OproSettings(**{k: v for k, v in given.items() if v is not None})
 

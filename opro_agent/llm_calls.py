@@ -66,6 +66,10 @@ class _UsageCounter(UsageMetadataCallbackHandler):
     # handlers under async calls) in a worker thread for every event.
     run_inline = True
 
+    def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+        # Defined so LangChain does not fall back to on_llm_start, stringifying the prompt.
+        return None
+
 
 @dataclass(frozen=True)
 class CallResult:

@@ -313,7 +313,7 @@ def test_early_rejection_flag(
     capsys: pytest.CaptureFixture[str],
     racing: bool,
 ) -> None:
-    flags = () if racing else ("--no-early-rejection",)
+    flags = ("--early-rejection",) if racing else ()
     summary = _optimize(capsys, task_file, tmp_path / "runs", "--no-cache", *flags)
     assert (summary["saved_by_early_rejection"] > 0) is racing
     assert summary["best_instruction"] == "Answer with yes or no."

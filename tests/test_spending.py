@@ -443,9 +443,9 @@ def test_a_budget_must_be_positive(limits: dict[str, Any], flag: str) -> None:
 def test_racing_saves_scorer_calls_and_picks_the_same_winner(
     yes_no_task: Task, fast_settings: OproSettings
 ) -> None:
-    assert fast_settings.early_rejection and fast_settings.first_stage == 5  # the defaults
-    raced = _optimize(yes_no_task, fast_settings)
-    full = _optimize(yes_no_task, _with(fast_settings, early_rejection=False))
+    assert not fast_settings.early_rejection and fast_settings.first_stage == 5  # the defaults
+    raced = _optimize(yes_no_task, _with(fast_settings, early_rejection=True))
+    full = _optimize(yes_no_task, fast_settings)
 
     assert raced.result.saved_by_early_rejection > 0
     assert full.result.saved_by_early_rejection == 0
@@ -463,7 +463,7 @@ def test_racing_saves_scorer_calls_and_picks_the_same_winner(
 def test_candidates_rejected_early_are_in_the_history_with_a_partial_train_score(
     yes_no_task: Task, fast_settings: OproSettings
 ) -> None:
-    out = _optimize(yes_no_task, fast_settings)
+    out = _optimize(yes_no_task, _with(fast_settings, early_rejection=True))
     run_id = out.result.run_id
     counts = _train_counts(out.store, run_id)
     rejected = {key: n for key, n in counts.items() if n < TRAIN}
@@ -498,7 +498,7 @@ def test_racing_keeps_the_better_half_and_ties_at_the_cut(
         texts = [*perfect, "Say anything, version D."]  # the last one rambles: scores 0
         return f"<INS>{texts[metadata['opro_candidate']]}</INS>"
 
-    out = _optimize(task, _with(fast_settings, steps=1), optimizer=propose)
+    out = _optimize(task, _with(fast_settings, steps=1, early_rejection=True), optimizer=propose)
     counts = _train_counts(out.store, out.result.run_id)
     incumbent = next(h.train for h in out.result.history if h.step == 0)
     assert incumbent is not None and 0 < incumbent < 1
@@ -510,8 +510,9 @@ def test_racing_keeps_the_better_half_and_ties_at_the_cut(
 
 
 def test_racing_is_deterministic(yes_no_task: Task, fast_settings: OproSettings) -> None:
-    first = _optimize(yes_no_task, fast_settings)
-    second = _optimize(yes_no_task, fast_settings)
+    raced = _with(fast_settings, early_rejection=True)
+    first = _optimize(yes_no_task, raced)
+    second = _optimize(yes_no_task, raced)
     assert _history(first.result) == _history(second.result)
     assert first.result.saved_by_early_rejection == second.result.saved_by_early_rejection
     assert _evaluated(first.store, first.result.run_id) == _evaluated(
