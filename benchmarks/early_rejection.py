@@ -14,26 +14,20 @@ import sys
 import time
 from pathlib import Path
 
-from langchain_openai import ChatOpenAI
-from pydantic import SecretStr
+from langchain_core.language_models import BaseChatModel
 
 from opro_agent import OproOptimizer, OproSettings, RunStore, SplitSpec, Task
 from opro_agent.local_server import LocalServer, find_embedded_model
+from opro_agent.providers import ModelOptions, openai_chat_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("OPRO_SHARED_DATA", REPO.parent / "shared" / "data"))
 BOOLEAN_TASKS = {"sports_understanding", "navigate", "boolean_expressions"}
 
 
-def chat(server: LocalServer, temperature: float, max_tokens: int) -> ChatOpenAI:
-    return ChatOpenAI(
-        model=server.model_name,
-        base_url=server.base_url,
-        api_key=SecretStr("unused"),
-        temperature=temperature,
-        extra_body={"max_tokens": max_tokens},
-        max_retries=0,
-        timeout=120,
+def chat(server: LocalServer, temperature: float, max_tokens: int) -> BaseChatModel:
+    return openai_chat_model(
+        server.model_name, ModelOptions(temperature, max_tokens), base_url=server.base_url
     )
 
 

@@ -21,7 +21,15 @@ from langchain_core.language_models import BaseChatModel
 from opro_agent.errors import ConfigError
 from opro_agent.local_server import LocalServer, find_embedded_model
 
-__all__ = ["LOCAL", "ModelOptions", "ModelSpec", "Models", "rate_limit_errors", "redact_url"]
+__all__ = [
+    "LOCAL",
+    "ModelOptions",
+    "ModelSpec",
+    "Models",
+    "openai_chat_model",
+    "rate_limit_errors",
+    "redact_url",
+]
 
 LOCAL = "local"
 
@@ -59,6 +67,32 @@ class ModelOptions:
     max_tokens: int | None = None
     base_url: str | None = None
     timeout: float = 120.0
+
+
+def openai_chat_model(
+    model: str, options: ModelOptions, *, base_url: str | None, api_key: str = "unused"
+) -> BaseChatModel:
+    """A ChatOpenAI for OpenAI or any OpenAI-compatible server (llama.cpp, vLLM, Ollama)."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import SecretStr
+
+    limit: dict[str, Any] = {}
+    if options.max_tokens is not None:
+        # LangChain sends max_tokens as max_completion_tokens, which llama.cpp (and other
+        # OpenAI-compatible servers) ignore; they all honour the classic field.
+        if base_url:
+            limit["extra_body"] = {"max_tokens": options.max_tokens}
+        else:
+            limit["max_tokens"] = options.max_tokens
+    return ChatOpenAI(
+        model=model,
+        base_url=base_url,
+        api_key=SecretStr(api_key),
+        temperature=options.temperature,
+        timeout=options.timeout,
+        max_retries=0,  # opro-agent retries itself, with backoff, per call
+        **limit,
+    )
 
 
 def rate_limit_errors() -> tuple[type[BaseException], ...]:
@@ -158,27 +192,8 @@ class Models:
     def _openai(
         model: str, options: ModelOptions, base_url: str | None, api_key: str, flag: str
     ) -> BaseChatModel:
-        from langchain_openai import ChatOpenAI
-        from pydantic import SecretStr
-
-        limit: dict[str, Any] = {}
-        if options.max_tokens is not None:
-            # LangChain sends max_tokens as max_completion_tokens, which llama.cpp (and other
-            # OpenAI-compatible servers) ignore; they all honour the classic field.
-            if base_url:
-                limit["extra_body"] = {"max_tokens": options.max_tokens}
-            else:
-                limit["max_tokens"] = options.max_tokens
         try:
-            return ChatOpenAI(
-                model=model,
-                base_url=base_url,
-                api_key=SecretStr(api_key),
-                temperature=options.temperature,
-                timeout=options.timeout,
-                **limit,
-                max_retries=0,  # opro-agent retries itself, with backoff, per call
-            )
+            return openai_chat_model(model, options, base_url=base_url, api_key=api_key)
         except ValueError as exc:
             raise ConfigError(str(exc).splitlines()[0], field=flag) from None
 

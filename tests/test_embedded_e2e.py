@@ -15,13 +15,13 @@ from uuid import UUID
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_openai import ChatOpenAI
-from pydantic import SecretStr
+from langchain_core.language_models import BaseChatModel
 
 from opro_agent import LLMCallsFailingError, OproOptimizer, OproSettings, RetryPolicy, Task
 from opro_agent.candidates import instruction_key
 from opro_agent.cli import main
 from opro_agent.local_server import LocalServer, find_embedded_model
+from opro_agent.providers import ModelOptions, openai_chat_model
 from opro_agent.store import RunStore
 from tests.conftest import needs_llama
 
@@ -140,15 +140,9 @@ class _KillAfter(BaseCallbackHandler):
             self.server.stop()
 
 
-def _chat(server: LocalServer, temperature: float, max_tokens: int) -> ChatOpenAI:
-    return ChatOpenAI(
-        model=server.model_name,
-        base_url=server.base_url,
-        api_key=SecretStr("unused"),
-        temperature=temperature,
-        extra_body={"max_tokens": max_tokens},
-        max_retries=0,
-        timeout=60,
+def _chat(server: LocalServer, temperature: float, max_tokens: int) -> BaseChatModel:
+    return openai_chat_model(
+        server.model_name, ModelOptions(temperature, max_tokens), base_url=server.base_url
     )
 
 
