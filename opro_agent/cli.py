@@ -107,7 +107,9 @@ def _build_parser() -> _Parser:
         choices=("random", "constant", "most_wrong"),
         help="how the meta-prompt's 3 exemplars are chosen (default random)",
     )
-    opt.add_argument("--meta-prompt", help="built-in template (chat, text) or a folder")
+    opt.add_argument(
+        "--meta-prompt", help="built-in template (chat, chat_single, text) or a folder"
+    )
     opt.add_argument("--seed", type=int, help="seed of the search (default 0)")
     opt.add_argument(
         "--early-rejection",
