@@ -22,13 +22,15 @@ from opro_agent.pricing import Price, PriceTable
 from opro_agent.prompts import INSTRUCTION_POSITIONS, InstructionPosition, scorer_prompt
 from opro_agent.result import HistoryEntry, OptimizationResult
 from opro_agent.scorer import InstructionScore
-from opro_agent.settings import OproSettings, RunResources
+from opro_agent.settings import RunResources, SearchSettings
 from opro_agent.store import RunStore
+from opro_agent.strategies import Ape, Opro, Strategy, make_strategy, strategy_types
 from opro_agent.task import Example, SplitSpec, Task, TaskSplits
 
 __all__ = [
     "INSTRUCTION_POSITIONS",
     "METRIC_NAMES",
+    "Ape",
     "Budget",
     "BudgetExceededError",
     "ConfigError",
@@ -39,9 +41,9 @@ __all__ = [
     "LLMCallsFailingError",
     "LocalServerError",
     "Metric",
+    "Opro",
     "OproError",
     "OproOptimizer",
-    "OproSettings",
     "OptimizationResult",
     "Price",
     "PriceTable",
@@ -52,12 +54,16 @@ __all__ = [
     "RunResources",
     "RunStore",
     "RunStoreError",
+    "SearchSettings",
     "SplitSpec",
+    "Strategy",
     "Task",
     "TaskSplits",
     "evaluate_instruction",
     "get_metric",
+    "make_strategy",
     "metric_from_callable",
     "model_identity",
     "scorer_prompt",
+    "strategy_types",
 ]

@@ -4,12 +4,14 @@ observer that hears about every call (for progress displays).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from opro_agent.errors import BudgetExceededError, ConfigError
+from opro_agent.pricing import Price
 
-__all__ = ["Budget", "Meter", "RunObserver", "Spend"]
+__all__ = ["Budget", "Meter", "RunObserver", "Spend", "spend_from_usage"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,21 @@ class Spend:
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+def spend_from_usage(usage: Mapping[str, int], prices: Mapping[str, Price]) -> Spend:
+    """What a run has spent, from its stored usage (`RunStore.usage`) and per-role prices."""
+    cost = 0.0
+    for role in ("optimizer", "scorer"):
+        price = prices.get(role)
+        if price is not None:
+            cost += price.cost(usage[f"{role}_prompt_tokens"], usage[f"{role}_completion_tokens"])
+    return Spend(
+        calls=usage["optimizer_calls"] + usage["scorer_calls"],
+        prompt_tokens=usage["prompt_tokens"],
+        completion_tokens=usage["completion_tokens"],
+        cost=cost,
+    )
 
 
 class RunObserver(Protocol):

@@ -9,22 +9,24 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
 import structlog
+import yaml
 from tqdm import tqdm
 
 from opro_agent.budget import Budget
 from opro_agent.cache import ResponseCache
+from opro_agent.compare import render_table, summarise
 from opro_agent.errors import ConfigError, LLMCallsFailingError, OproError
 from opro_agent.estimate import estimate_run
+from opro_agent.files import read_yaml
 from opro_agent.llm_calls import RateLimits
-from opro_agent.meta_prompt import MetaPromptTemplate
 from opro_agent.optimizer import OproOptimizer, evaluate_instruction
 from opro_agent.pricing import Price, PriceTable
 from opro_agent.providers import (
@@ -36,14 +38,17 @@ from opro_agent.providers import (
     redact_url,
 )
 from opro_agent.result import OptimizationResult
-from opro_agent.settings import OproSettings, RunResources
+from opro_agent.settings import RunResources, SearchSettings
 from opro_agent.store import DB_FILENAME, RunStore
+from opro_agent.strategies import Strategy, make_strategy
+from opro_agent.strategies.registry import split_run_config
 from opro_agent.task import Task
 from opro_agent.tokens import tiktoken_available
 
 __all__ = ["main"]
 
 OPTIMIZER_MAX_TOKENS = 200  # an instruction is at most 500 characters
+log = structlog.get_logger()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,35 +103,56 @@ def _build_parser() -> _Parser:
     opt.add_argument("task", nargs="?", help="task YAML (optional with --resume)")
     opt.add_argument("--resume", metavar="RUN", help="continue a stopped run")
     _add_model_flags(opt, roles=("optimizer", "scorer"))
-    opt.add_argument("--steps", type=_non_negative_int, help="optimization steps (default 10)")
-    opt.add_argument("--candidates", type=_positive_int, help="instructions per step (default 8)")
-    opt.add_argument("--patience", type=_positive_int, help="stop after K steps without gain")
-    opt.add_argument("--target-score", type=_fraction, help="stop at this train accuracy")
+    _add_search_flags(opt)
+    opt.add_argument(
+        "--strategy", help="search strategy: opro (default), ape, or one a plugin adds"
+    )
+    opt.add_argument(
+        "-S",
+        "--strategy-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the strategy, e.g. -S mode=reverse (repeatable)",
+    )
+    opt.add_argument("--candidates", type=_positive_int, help="OPRO: instructions per step (8)")
     opt.add_argument(
         "--exemplars",
         choices=("random", "constant", "most_wrong"),
-        help="how the meta-prompt's 3 exemplars are chosen (default random)",
+        help="OPRO: how the meta-prompt's 3 exemplars are chosen (default random)",
     )
     opt.add_argument(
-        "--meta-prompt", help="built-in template (chat, chat_single, text) or a folder"
+        "--meta-prompt", help="OPRO: built-in template (chat, chat_single, text) or a folder"
     )
-    opt.add_argument("--seed", type=int, help="seed of the search (default 0)")
     opt.add_argument(
         "--early-rejection",
         action="store_true",
-        help="race candidates on growing subsets of the train split (successive halving)",
-    )
-    opt.add_argument("--max-calls", type=_positive_int, help="stop cleanly after this many calls")
-    opt.add_argument("--max-tokens", type=_positive_int, help="... after this many tokens")
-    opt.add_argument("--max-cost", type=_positive_float, help="... after this many USD")
-    opt.add_argument(
-        "--prices", type=Path, metavar="YAML", help="USD per 1M tokens by model, added to defaults"
+        help="OPRO: race candidates on growing subsets of the train split (successive halving)",
     )
     opt.add_argument(
         "--dry-run", action="store_true", help="print projected calls, tokens and cost; stop"
     )
     opt.add_argument("--json", action="store_true", help="end stdout with a JSON summary")
     opt.set_defaults(handler=_cmd_optimize)
+
+    cmp = commands.add_parser(
+        "compare", help="run several strategies on a task with the same splits and budget"
+    )
+    cmp.add_argument("task", help="task YAML")
+    cmp.add_argument(
+        "--strategies",
+        required=True,
+        type=_names,
+        metavar="A,B",
+        help="strategies to compare, e.g. opro,ape",
+    )
+    cmp.add_argument(
+        "--seeds", type=_seeds, default=(0,), metavar="0,1,2", help="one run per seed (0)"
+    )
+    _add_model_flags(cmp, roles=("optimizer", "scorer"))
+    _add_search_flags(cmp)
+    cmp.add_argument("--json", action="store_true", help="end stdout with a JSON object")
+    cmp.set_defaults(handler=_cmd_compare)
 
     ev = commands.add_parser("evaluate", help="score one instruction on a split of a task")
     ev.add_argument("task", help="task YAML")
@@ -155,6 +181,38 @@ def _build_parser() -> _Parser:
     validate.add_argument("paths", nargs="+", metavar="TASK")
     validate.set_defaults(handler=_cmd_tasks_validate)
     return parser
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one strategy name, e.g. opro,ape")
+    return names
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    seeds = tuple(dict.fromkeys(int(_number(n, int)) for n in text.split(",") if n.strip()))
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed, e.g. 0,1,2")
+    return seeds
+
+
+def _add_search_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, metavar="YAML", help="run settings: strategy, steps, seed, ..."
+    )
+    parser.add_argument("--steps", type=_non_negative_int, help="optimization steps (default 10)")
+    parser.add_argument("--patience", type=_positive_int, help="stop after K steps without gain")
+    parser.add_argument("--target-score", type=_fraction, help="stop at this train accuracy")
+    parser.add_argument("--seed", type=int, help="seed of the search (default 0)")
+    parser.add_argument(
+        "--max-calls", type=_positive_int, help="stop cleanly after this many calls (per run)"
+    )
+    parser.add_argument("--max-tokens", type=_positive_int, help="... after this many tokens")
+    parser.add_argument("--max-cost", type=_positive_float, help="... after this many USD")
+    parser.add_argument(
+        "--prices", type=Path, metavar="YAML", help="USD per 1M tokens by model, added to defaults"
+    )
 
 
 def _add_model_flags(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
@@ -187,8 +245,9 @@ def _add_model_flags(parser: argparse.ArgumentParser, roles: Sequence[str]) -> N
 class _OptimizeJob:
     """What `optimize` runs: from the flags, or from a stored run when resuming."""
 
-    task_path: str
-    settings: OproSettings
+    task: Task
+    strategy: Strategy
+    settings: SearchSettings
     optimizer: str
     scorer: str
     optimizer_url: str | None
@@ -208,12 +267,104 @@ class _OptimizeJob:
         }
 
 
+@dataclass(frozen=True)
+class _RunConfig:
+    """A `--config` file: a strategy and search settings, below the flags in precedence."""
+
+    source: str | None = None
+    strategy: Any = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+_CONFIG_SETTINGS = frozenset(SearchSettings.__dataclass_fields__) - {"budget", "retry"}
+# OPRO's flags, kept from before strategies existed: flag -> OPRO setting.
+_OPRO_FLAGS = {
+    "candidates": "candidates_per_step",
+    "exemplars": "exemplar_selection",
+    "meta_prompt": "meta_prompt",
+    "early_rejection": "early_rejection",
+}
+
+
+def _run_config(path: Path | None) -> _RunConfig:
+    if path is None:
+        return _RunConfig()
+    raw = read_yaml(path)
+    src = str(path)
+    if not isinstance(raw, dict):
+        raise ConfigError("a run config must be a mapping of settings", source=src)
+    for key in raw:
+        if key != "strategy" and key not in _CONFIG_SETTINGS:
+            known = ", ".join(sorted(_CONFIG_SETTINGS | {"strategy"}))
+            raise ConfigError(f"unknown setting (known: {known})", source=src, field=str(key))
+    settings = {k: v for k, v in raw.items() if k != "strategy"}
+    return _RunConfig(src, raw.get("strategy"), settings)
+
+
+def _search_settings(args: argparse.Namespace, config: _RunConfig) -> SearchSettings:
+    flags = {
+        "steps": args.steps,
+        "patience": args.patience,
+        "target_score": args.target_score,
+        "seed": args.seed,
+        "concurrency": args.concurrency,
+    }
+    values = {**config.settings, **{k: v for k, v in flags.items() if v is not None}}
+    try:
+        return SearchSettings(**values, budget=_budget(args))
+    except ConfigError as exc:
+        raise ConfigError(exc.message, source=config.source, field=exc.field) from None
+    except TypeError as exc:
+        raise ConfigError(f"bad setting: {exc}", source=config.source) from None
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    return Budget(args.max_calls, args.max_tokens, args.max_cost)
+
+
+def _strategy(
+    name: str | None, task: Task, config: _RunConfig, *, field: str = "--strategy"
+) -> Strategy:
+    """The strategy named (or the one the config file, else the task file, asks for, else
+    OPRO), with the settings the config or task file gives for that strategy."""
+    chosen = None
+    for spec, source in ((task.strategy, task.source), (config.strategy, config.source)):
+        if spec is None:
+            continue
+        strategy = make_strategy(spec, source=source)
+        if name is None or strategy.name == name:
+            chosen = strategy
+    if chosen is None or (name is not None and chosen.name != name):
+        chosen = make_strategy(name or "opro", field=field)
+    return chosen
+
+
+def _strategy_from_flags(args: argparse.Namespace, task: Task, config: _RunConfig) -> Strategy:
+    strategy = _strategy(args.strategy, task, config)
+    for flag, setting in _OPRO_FLAGS.items():
+        value = getattr(args, flag)
+        if value not in (None, False):
+            strategy = make_strategy(
+                strategy, {setting: value}, field="--" + flag.replace("_", "-")
+            )
+    for pair in args.strategy_setting:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"expected KEY=VALUE, got {pair!r}", field="--strategy-setting")
+        value = yaml.safe_load(text) if text.strip() else ""
+        strategy = make_strategy(strategy, {key.strip(): value}, field="--strategy-setting")
+    return strategy
+
+
 def _job_from_flags(args: argparse.Namespace) -> _OptimizeJob:
     if not args.task:
         raise ConfigError("give a task YAML file, or --resume RUN", field="TASK")
+    task = Task.from_yaml(args.task)
+    config = _run_config(args.config)
     return _OptimizeJob(
-        task_path=args.task,
-        settings=_settings_from_flags(args),
+        task=task,
+        strategy=_strategy_from_flags(args, task, config),
+        settings=_search_settings(args, config),
         optimizer=args.optimizer or LOCAL,
         scorer=args.scorer or LOCAL,
         optimizer_url=args.optimizer_base_url,
@@ -229,13 +380,16 @@ def _job_from_run(store: RunStore, args: argparse.Namespace) -> _OptimizeJob:
     task_path = args.task or run.config.get("task_path")
     if not task_path:
         raise ConfigError("the run has no task file; give TASK", field="--resume")
-    settings = OproSettings.from_dict(run.config["settings"])
-    if args.concurrency:  # the only setting that cannot change the result
-        settings = OproSettings.from_dict({**settings.to_dict(), "concurrency": args.concurrency})
+    strategy, settings = split_run_config(run.config)
+    # Only what cannot change the result may differ from the stored run.
+    search = SearchSettings.from_dict(settings).replace(budget=_budget(args))
+    if args.concurrency:
+        search = search.replace(concurrency=args.concurrency)
     local_model = args.local_model or stored.get("local_model")
     return _OptimizeJob(
-        task_path=task_path,
-        settings=settings,
+        task=Task.from_yaml(task_path),
+        strategy=make_strategy(strategy),
+        settings=search,
         optimizer=stored.get("optimizer", LOCAL),
         scorer=stored.get("scorer", LOCAL),
         optimizer_url=args.optimizer_base_url or stored.get("optimizer_base_url"),
@@ -245,56 +399,136 @@ def _job_from_run(store: RunStore, args: argparse.Namespace) -> _OptimizeJob:
     )
 
 
+@dataclass
+class _Session:
+    """What every run of one command shares: model specs, options, prices, resources."""
+
+    specs: dict[str, ModelSpec]
+    options: dict[str, ModelOptions]
+    prices: dict[str, Price | None]
+
+    @classmethod
+    def from_job(cls, args: argparse.Namespace, job: _OptimizeJob) -> _Session:
+        specs = {
+            "optimizer": ModelSpec.parse(job.optimizer, flag="--optimizer"),
+            "scorer": ModelSpec.parse(job.scorer, flag="--scorer"),
+        }
+        options = {
+            "optimizer": ModelOptions(1.0, OPTIMIZER_MAX_TOKENS, job.optimizer_url),
+            "scorer": ModelOptions(0.0, job.task.answer_max_tokens, job.scorer_url),
+        }
+        return cls(specs, options, _prices(args, specs))
+
+    def optimizer(
+        self,
+        models: Models,
+        job: _OptimizeJob,
+        args: argparse.Namespace,
+        store: RunStore,
+        observer: _ProgressBar | None,
+    ) -> OproOptimizer:
+        specs, options = self.specs, self.options
+        identities = {role: models.identity(specs[role], options[role]) for role in specs}
+        return OproOptimizer(
+            models.chat_model(specs["optimizer"], options["optimizer"], flag="--optimizer"),
+            models.chat_model(specs["scorer"], options["scorer"], flag="--scorer"),
+            strategy=job.strategy,
+            settings=job.settings,
+            resources=RunResources(
+                cache=None if args.no_cache else ResponseCache.open(args.cache_dir),
+                rate_limits=_rate_limits(args),
+                observer=observer,
+                prices={role: p for role, p in self.prices.items() if p is not None},
+                identities={role: json.dumps(i, sort_keys=True) for role, i in identities.items()},
+                rate_limit_errors=rate_limit_errors(),
+            ),
+            store=store,
+            run_metadata={**job.run_metadata(), "models": identities},
+            seed_optimizer_calls=specs["optimizer"].accepts_seed,
+        )
+
+
+def _run(optimizer: OproOptimizer, job: _OptimizeJob, run_dir: Path) -> OptimizationResult:
+    """Run (or resume) one stored run; on Ctrl-C or failing calls, say how to continue."""
+    run_id = job.resume or optimizer.prepare_run(job.task)
+    try:
+        return optimizer.invoke(job.task, run_id=run_id)
+    except (KeyboardInterrupt, LLMCallsFailingError) as exc:
+        _print_resume_hint(run_id, run_dir, exc)
+        raise
+
+
 def _cmd_optimize(args: argparse.Namespace) -> int:
     store = _existing_store(args.run_dir, resume=args.resume) if args.resume else None
     job = _job_from_run(store, args) if store is not None else _job_from_flags(args)
-    task = Task.from_yaml(job.task_path)
     # Everything that can be wrong with the input is found before a model server starts.
-    MetaPromptTemplate.load(job.settings.meta_prompt)
-    specs = {
-        "optimizer": ModelSpec.parse(job.optimizer, flag="--optimizer"),
-        "scorer": ModelSpec.parse(job.scorer, flag="--scorer"),
-    }
-    options = {
-        "optimizer": ModelOptions(1.0, OPTIMIZER_MAX_TOKENS, job.optimizer_url),
-        "scorer": ModelOptions(0.0, task.answer_max_tokens, job.scorer_url),
-    }
-    prices = _prices(args, specs)
+    session = _Session.from_job(args, job)
     if args.dry_run:
-        _print_estimate(task, job.settings, prices, as_json=args.json)
+        _print_estimate(job, session.prices, as_json=args.json)
         return 0
-    budget = Budget(args.max_calls, args.max_tokens, args.max_cost)
     store = store or RunStore.open(args.run_dir)
     with (
         Models(log_dir=args.run_dir, local_model=job.local_model) as models,
         _progress(enabled=not args.json and sys.stdout.isatty()) as observer,
     ):
-        identities = {role: models.identity(specs[role], options[role]) for role in specs}
-        metadata = {**job.run_metadata(), "models": identities}
-        optimizer = OproOptimizer(
-            models.chat_model(specs["optimizer"], options["optimizer"], flag="--optimizer"),
-            models.chat_model(specs["scorer"], options["scorer"], flag="--scorer"),
-            settings=job.settings,
-            resources=RunResources(
-                cache=None if args.no_cache else ResponseCache.open(args.cache_dir),
-                budget=budget,
-                rate_limits=_rate_limits(args),
-                observer=observer,
-                prices={role: p for role, p in prices.items() if p is not None},
-                identities={role: json.dumps(i, sort_keys=True) for role, i in identities.items()},
-                rate_limit_errors=rate_limit_errors(),
-            ),
-            store=store,
-            run_id=job.resume,
-            run_metadata=metadata,
-            seed_optimizer_calls=specs["optimizer"].accepts_seed,
-        )
-        try:
-            result = optimizer.invoke(task)
-        except (KeyboardInterrupt, LLMCallsFailingError) as exc:
-            _print_resume_hint(optimizer.last_run_id, args.run_dir, exc)
-            raise
+        result = _run(session.optimizer(models, job, args, store, observer), job, args.run_dir)
     _print_result(result, as_json=args.json)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    task = Task.from_yaml(args.task)
+    config = _run_config(args.config)
+    # Unknown names are found before any model server starts.
+    strategies = [_strategy(name, task, config, field="--strategies") for name in args.strategies]
+    settings = _search_settings(args, config)
+    jobs = {
+        strategy.name: [
+            _OptimizeJob(
+                task=task,
+                strategy=strategy,
+                settings=settings.replace(seed=seed),
+                optimizer=args.optimizer or LOCAL,
+                scorer=args.scorer or LOCAL,
+                optimizer_url=args.optimizer_base_url,
+                scorer_url=args.scorer_base_url,
+                local_model=args.local_model,
+                resume=None,
+            )
+            for seed in args.seeds
+        ]
+        for strategy in strategies
+    }
+    session = _Session.from_job(args, jobs[strategies[0].name][0])
+    store = RunStore.open(args.run_dir)
+    results: dict[str, list[OptimizationResult]] = {}
+    with Models(log_dir=args.run_dir, local_model=args.local_model) as models:
+        for name, runs in jobs.items():
+            for job in runs:
+                optimizer = session.optimizer(models, job, args, store, None)
+                result = _run(optimizer, job, args.run_dir)
+                log.info(
+                    "compare.run_done", strategy=name, seed=job.settings.seed, run_id=result.run_id
+                )
+                results.setdefault(name, []).append(result)
+    summaries = summarise(results)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "task": task.name,
+                    "seeds": list(args.seeds),
+                    "strategies": [s.to_dict() for s in summaries],
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        print(
+            f"{task.name}: {', '.join(results)} on the same splits, "
+            f"seeds {', '.join(map(str, args.seeds))}"
+        )
+        print(render_table(summaries))
     return 0
 
 
@@ -356,14 +590,14 @@ def _progress(*, enabled: bool) -> Iterator[_ProgressBar | None]:
         bar.close()
 
 
-def _print_estimate(
-    task: Task, settings: OproSettings, prices: dict[str, Price | None], *, as_json: bool
-) -> None:
+def _print_estimate(job: _OptimizeJob, prices: dict[str, Price | None], *, as_json: bool) -> None:
+    task = job.task
     estimate = estimate_run(
-        task, settings, optimizer_max_tokens=OPTIMIZER_MAX_TOKENS, prices=prices
+        task, job.settings, job.strategy, optimizer_max_tokens=OPTIMIZER_MAX_TOKENS, prices=prices
     )
     figures = {
         "task": task.name,
+        "strategy": job.strategy.name,
         "calls": {"optimizer": estimate.optimizer_calls, "scorer": estimate.scorer_calls},
         "tokens": {"prompt": estimate.prompt_tokens, "completion": estimate.completion_tokens},
         "cost": None if estimate.cost is None else round(estimate.cost, 4),
@@ -373,7 +607,10 @@ def _print_estimate(
         print(json.dumps(figures))
         return
     cost = "unknown (no price for a model)" if estimate.cost is None else f"${estimate.cost:.4f}"
-    print(f"Projected for {task.name} (at most; early rejection and the cache spend less):")
+    print(
+        f"Projected for {task.name} with {job.strategy.name} "
+        "(at most; early rejection and the cache spend less):"
+    )
     print(f"  calls:  optimizer {estimate.optimizer_calls}, scorer {estimate.scorer_calls}")
     print(
         f"  tokens: {estimate.prompt_tokens} prompt, {estimate.completion_tokens} completion "
@@ -382,24 +619,7 @@ def _print_estimate(
     print(f"  cost:   {cost}")
 
 
-def _settings_from_flags(args: argparse.Namespace) -> OproSettings:
-    given = {
-        "steps": args.steps,
-        "candidates_per_step": args.candidates,
-        "patience": args.patience,
-        "target_score": args.target_score,
-        "exemplar_selection": args.exemplars,
-        "meta_prompt": args.meta_prompt,
-        "seed": args.seed,
-        "concurrency": args.concurrency,
-        "early_rejection": True if args.early_rejection else None,
-    }
-    return OproSettings(**{k: v for k, v in given.items() if v is not None})
-
-
-def _print_resume_hint(run_id: str | None, run_dir: Path, exc: BaseException) -> None:
-    if run_id is None:
-        return
+def _print_resume_hint(run_id: str, run_dir: Path, exc: BaseException) -> None:
     why = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped"
     print(
         f"run {run_id} {why}; everything so far is saved. Continue with: "
@@ -413,7 +633,10 @@ def _print_result(result: OptimizationResult, *, as_json: bool) -> None:
         print(json.dumps(result.summary(), ensure_ascii=False))
         return
     scores = "  ".join(f"{name} {_fmt(value)}" for name, value in result.scores.items())
-    print(f"Best instruction (run {result.run_id}, stopped on {result.stop_reason}):")
+    print(
+        f"Best instruction (run {result.run_id}, {result.strategy}, "
+        f"stopped on {result.stop_reason}):"
+    )
     print(f"  {result.best_instruction!r}")
     print(f"Scores: {scores}")
     for text, score in result.baselines.items():

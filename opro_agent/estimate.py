@@ -1,9 +1,10 @@
 """What a run will cost before it spends anything (`optimize --dry-run`).
 
-Calls are counted from the settings and the splits; tokens are estimated offline (tiktoken
-when its encoding is on disk, otherwise a character heuristic) from the prompts the run
-would send: the scorer prompt for every training question, and a meta-prompt with a full
-history. Upper bounds: early rejection, the cache and early stopping only lower them.
+Calls are counted from the strategy's per-step bound, the settings and the splits; tokens
+are estimated offline (tiktoken when its encoding is on disk, otherwise a character
+heuristic) from the prompts the run would send: the scorer prompt for every training
+question, and a typical optimizer prompt of the strategy. Upper bounds: early rejection,
+the cache and early stopping only lower them.
 """
 
 from __future__ import annotations
@@ -11,25 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from opro_agent.meta_prompt import Exemplar, MetaPromptTemplate, ScoredInstruction
 from opro_agent.pricing import Price
 from opro_agent.prompts import scorer_prompt
-from opro_agent.settings import OproSettings
-from opro_agent.task import Task, TaskSplits
+from opro_agent.search import final_calls
+from opro_agent.settings import SearchSettings
+from opro_agent.strategies.base import Strategy
+from opro_agent.task import Task
 from opro_agent.tokens import count_message_tokens
 
-__all__ = ["RunEstimate", "estimate_run", "final_calls", "step_calls"]
-
-
-def step_calls(settings: OproSettings, splits: TaskSplits) -> int:
-    """Calls one step can take at most: every candidate fully scored (no racing savings)."""
-    n = settings.candidates_per_step
-    return n + n * len(splits.train)
-
-
-def final_calls(settings: OproSettings, splits: TaskSplits, initial: int) -> int:
-    """Calls to pick the winner on validation and score it and the `initial` ones on test."""
-    return settings.validate_top * len(splits.validation) + (1 + initial) * len(splits.test)
+__all__ = ["RunEstimate", "estimate_run"]
 
 
 @dataclass(frozen=True)
@@ -40,14 +31,11 @@ class RunEstimate:
     completion_tokens: int
     cost: float | None  # USD; None when a role's price is unknown
 
-    @property
-    def calls(self) -> int:
-        return self.optimizer_calls + self.scorer_calls
-
 
 def estimate_run(
     task: Task,
-    settings: OproSettings,
+    settings: SearchSettings,
+    strategy: Strategy,
     *,
     optimizer_max_tokens: int,
     prices: Mapping[str, Price | None],
@@ -59,17 +47,11 @@ def estimate_run(
     per_answer = [count_message_tokens(prompt.format_messages(**e.inputs)) for e in task.examples]
     mean_answer_prompt = sum(per_answer) / max(len(per_answer), 1)
 
-    optimizer_calls = settings.steps * settings.candidates_per_step
+    costs = [strategy.step_cost(step, splits) for step in range(1, settings.steps + 1)]
+    optimizer_calls = sum(c.optimizer_calls for c in costs)
     scorer_calls = len(initial) * len(splits.train) + final_calls(settings, splits, len(initial))
-    scorer_calls += settings.steps * step_calls(settings, splits) - optimizer_calls
-
-    template = MetaPromptTemplate.load(settings.meta_prompt)
-    history = [ScoredInstruction(longest or "instruction", 0.5)] * settings.max_history
-    exemplars = [
-        Exemplar(task.question(e), task.question(e), e.target)
-        for e in splits.train[: settings.exemplars]
-    ]
-    meta_tokens = count_message_tokens(template.render(history, exemplars))
+    scorer_calls += sum(c.scorer_calls for c in costs)
+    meta_tokens = count_message_tokens(strategy.sample_prompt(task))
 
     scorer_prompt_tokens = round(scorer_calls * mean_answer_prompt)
     scorer_completion = scorer_calls * task.answer_max_tokens

@@ -14,7 +14,7 @@ from pathlib import Path
 from langchain_core.messages import get_buffer_string
 
 from opro_agent.errors import ConfigError
-from opro_agent.prompts import InstructionPosition, scorer_prompt
+from opro_agent.prompts import InstructionPosition, Message, scorer_prompt
 from opro_agent.task import Example
 
 __all__ = [
@@ -24,12 +24,12 @@ __all__ = [
     "ScoredInstruction",
     "builtin_template_dir",
     "exemplar_prompt",
+    "read_template",
     "render_text",
     "score_bucket",
 ]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-Message = tuple[str, str]  # (role, content), as LangChain chat models accept them
 
 
 def builtin_template_dir() -> Path:
@@ -58,16 +58,19 @@ def score_bucket(score: float, buckets: int = 100) -> int:
     return round(score * buckets)
 
 
-def _read(folder: Path, name: str, *, required: bool) -> str | None:
+def read_template(
+    folder: Path, name: str, *, required: bool, field: str = "--meta-prompt"
+) -> str | None:
+    """A template file's text; None (or a ConfigError when `required`) if it is missing."""
     path = folder / name
     if not path.is_file():
         if required:
-            raise ConfigError("missing", source=str(path), field="--meta-prompt")
+            raise ConfigError("missing", source=str(path), field=field)
         return None
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"unreadable: {exc}", source=str(path), field="--meta-prompt") from None
+        raise ConfigError(f"unreadable: {exc}", source=str(path), field=field) from None
 
 
 @dataclass(frozen=True)
@@ -83,22 +86,23 @@ class MetaPromptTemplate:
     @classmethod
     def load(cls, name_or_path: str) -> MetaPromptTemplate:
         """A built-in variant by name (`chat`, `chat_single`, `text`) or a folder."""
+        builtin = builtin_template_dir() / "opro"
         folder = Path(name_or_path)
         if not folder.is_dir():
-            folder = builtin_template_dir() / name_or_path
+            folder = builtin / name_or_path
         if not folder.is_dir():
-            known = sorted(p.name for p in builtin_template_dir().iterdir() if p.is_dir())
+            known = sorted(p.name for p in builtin.iterdir() if p.is_dir())
             raise ConfigError(
                 f"no meta-prompt {name_or_path!r} (built-in: {', '.join(known)}, or a folder)",
                 field="--meta-prompt",
             )
         opening, exemplar, tag = (
-            _read(folder, name, required=True) or ""
+            read_template(folder, name, required=True) or ""
             for name in ("opening.txt", "exemplar.txt", "tag.txt")
         )
-        history_item = _read(folder, "history_item.txt", required=False)
-        reply = _read(folder, "reply.txt", required=False)
-        feedback = _read(folder, "feedback.txt", required=False)
+        history_item = read_template(folder, "history_item.txt", required=False)
+        reply = read_template(folder, "reply.txt", required=False)
+        feedback = read_template(folder, "feedback.txt", required=False)
         if (history_item is None) == (reply is None or feedback is None):
             raise ConfigError(
                 "needs history_item.txt, or reply.txt and feedback.txt (not both)",

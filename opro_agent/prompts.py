@@ -14,12 +14,14 @@ from langchain_core.prompts import ChatPromptTemplate
 __all__ = [
     "INSTRUCTION_POSITIONS",
     "InstructionPosition",
+    "Message",
     "render_question",
     "scorer_prompt",
 ]
 
 InstructionPosition = Literal["Q_begin", "Q_end", "A_begin", "before_Q", "system"]
 INSTRUCTION_POSITIONS: tuple[str, ...] = get_args(InstructionPosition)
+Message = tuple[str, str]  # (role, content), as LangChain chat models accept them
 
 
 def _escape(text: str) -> str:

@@ -21,12 +21,15 @@ class HistoryEntry:
     train: float | None  # on the training examples it was scored on (all, unless rejected early)
     validation: float | None
     test: float | None
+    kind: str = "proposal"  # the kind of call that made it: initial, proposal, forward, ...
+    parent: str | None = None  # the instruction it was derived from
 
 
 @dataclass(frozen=True)
 class OptimizationResult:
     run_id: str
     task: str
+    strategy: str
     best_instruction: str
     scores: Mapping[str, float | None]  # the winner's train / validation / test scores
     baselines: Mapping[str, float]  # initial instruction -> test score
@@ -58,6 +61,7 @@ class OptimizationResult:
         return {
             "run_id": self.run_id,
             "task": self.task,
+            "strategy": self.strategy,
             "best_instruction": self.best_instruction,
             "scores": dict(self.scores),
             "baselines": dict(self.baselines),

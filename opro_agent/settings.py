@@ -1,11 +1,13 @@
-"""What a run is told: search settings, and the resources it may use besides its models."""
+"""What a run is told: the search settings every strategy shares (plain data), and the live
+resources it may use besides its models. Each strategy's own settings live on the strategy.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from opro_agent.budget import Budget, RunObserver
 from opro_agent.cache import ResponseCache
@@ -13,50 +15,33 @@ from opro_agent.errors import ConfigError
 from opro_agent.llm_calls import RateLimits, RetryPolicy
 from opro_agent.pricing import Price
 
-__all__ = ["ExemplarSelection", "OproSettings", "RunResources"]
+__all__ = ["RESULT_NEUTRAL", "RunResources", "SearchSettings"]
 
-ExemplarSelection = Literal["random", "constant", "most_wrong"]
-# Settings that cannot change a run's result; a resumed run may use other values.
-RESULT_NEUTRAL = frozenset({"concurrency", "retry"})
+# Settings that cannot change what a run computes; a resumed run may use other values
+# (a larger budget lets a run that stopped on its budget go on).
+RESULT_NEUTRAL = frozenset({"concurrency", "retry", "budget"})
 
 
 @dataclass(frozen=True)
-class OproSettings:
-    """How the search runs. Defaults follow the OPRO paper's ablations."""
+class SearchSettings:
+    """How the search runs, whatever the strategy."""
 
     steps: int = 10
-    candidates_per_step: int = 8
-    max_history: int = 20
-    score_buckets: int = 100
-    exemplars: int = 3
-    exemplar_selection: ExemplarSelection = "random"
-    max_instruction_chars: int = 500
     patience: int | None = None  # stop after this many steps without a better train score
     target_score: float | None = None  # stop once the best train score reaches this
     validate_top: int = 3  # best-on-train instructions compared on validation
-    # Racing (APE's multi-stage evaluation, successive halving): new candidates are scored
-    # on `first_stage` training examples, then on twice as many, ...; at each stage the
-    # better half go on, and so does any candidate at or above the best full-train score.
-    # Only fully scored candidates can win.
-    early_rejection: bool = False  # see benchmarks/README.md: it saved calls, not accuracy
-    first_stage: int = 5
+    max_instruction_chars: int = 500  # longer candidates are skipped (as OPRO does)
     concurrency: int = 8
     seed: int = 0
-    meta_prompt: str = "chat"
     failure_threshold: float = 0.2
+    budget: Budget = field(default_factory=Budget)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "exemplars", "max_history", "max_instruction_chars"):
+        for name in ("steps", "max_instruction_chars"):
             if getattr(self, name) < 0:
                 raise ConfigError("must not be negative", field=name)
-        for name in (
-            "candidates_per_step",
-            "validate_top",
-            "concurrency",
-            "score_buckets",
-            "first_stage",
-        ):
+        for name in ("validate_top", "concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError("must be at least 1", field=name)
         if self.patience is not None and self.patience < 1:
@@ -70,10 +55,14 @@ class OproSettings:
     def result_affecting(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in RESULT_NEUTRAL}
 
+    def replace(self, **changes: Any) -> SearchSettings:
+        return dataclasses.replace(self, **changes)
+
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> OproSettings:
+    def from_dict(cls, raw: Mapping[str, Any]) -> SearchSettings:
         values = dict(raw)
         values["retry"] = RetryPolicy(**values.get("retry", {}))
+        values["budget"] = Budget(**values.get("budget", {}))
         return cls(**values)
 
 
@@ -88,7 +77,6 @@ class RunResources:
     """
 
     cache: ResponseCache | None = None
-    budget: Budget | None = None
     rate_limits: RateLimits | None = None
     observer: RunObserver | None = None
     prices: Mapping[str, Price] = field(default_factory=dict)

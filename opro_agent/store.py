@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from opro_agent.errors import RunStoreError
+from opro_agent.result import HistoryEntry
 
 __all__ = [
     "DB_FILENAME",
     "Evaluation",
-    "HistoryRow",
     "OptimizerCall",
     "RunInfo",
     "RunStore",
@@ -85,6 +85,31 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE evaluations ADD COLUMN cached INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE optimizer_calls ADD COLUMN cached INTEGER NOT NULL DEFAULT 0;
     """,
+    # Strategies: an optimizer-role call is identified by its kind too (proposal, forward,
+    # resample, ...), and an instruction records the kind of call that made it and the
+    # instruction it was derived from (its parent's key), so lineage can be read back.
+    """
+    CREATE TABLE optimizer_calls_v3 (
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        step INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        output TEXT,
+        error TEXT,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        cached INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (run_id, step, kind, idx)
+    );
+    INSERT INTO optimizer_calls_v3 SELECT run_id, step, 'proposal', idx, output, error,
+        prompt_tokens, completion_tokens, created_at, cached FROM optimizer_calls;
+    DROP TABLE optimizer_calls;
+    ALTER TABLE optimizer_calls_v3 RENAME TO optimizer_calls;
+    ALTER TABLE instructions ADD COLUMN kind TEXT;
+    ALTER TABLE instructions ADD COLUMN parent TEXT;
+    UPDATE instructions SET kind = CASE origin WHEN 'initial' THEN 'initial' ELSE 'proposal' END;
+    """,
 )
 
 
@@ -118,16 +143,6 @@ class Evaluation:
     completion_tokens: int = 0
     latency: float = 0.0
     cached: bool = False
-
-
-@dataclass(frozen=True)
-class HistoryRow:
-    step: int
-    origin: str
-    instruction: str
-    train: float | None
-    validation: float | None
-    test: float | None
 
 
 class RunStore:
@@ -216,25 +231,35 @@ class RunStore:
 
     # -- optimizer calls ------------------------------------------------------------------------
 
-    def optimizer_call(self, run_id: str, step: int, idx: int) -> OptimizerCall | None:
+    def optimizer_call(self, run_id: str, step: int, kind: str, idx: int) -> OptimizerCall | None:
         """A stored successful optimizer output; failed calls are retried, so not returned."""
         row = self._db.execute(
-            "SELECT * FROM optimizer_calls WHERE run_id = ? AND step = ? AND idx = ?"
-            " AND error IS NULL",
-            (run_id, step, idx),
+            "SELECT * FROM optimizer_calls WHERE run_id = ? AND step = ? AND kind = ?"
+            " AND idx = ? AND error IS NULL",
+            (run_id, step, kind, idx),
         ).fetchone()
         if row is None:
             return None
         return OptimizerCall(row["output"], None, row["prompt_tokens"], row["completion_tokens"])
 
-    def record_optimizer_call(self, run_id: str, step: int, idx: int, call: OptimizerCall) -> None:
+    def has_optimizer_calls(self, run_id: str, step: int) -> bool:
+        """Whether an earlier session began step `step` (it made an optimizer call)."""
+        row = self._db.execute(
+            "SELECT 1 FROM optimizer_calls WHERE run_id = ? AND step = ? LIMIT 1", (run_id, step)
+        ).fetchone()
+        return row is not None
+
+    def record_optimizer_call(
+        self, run_id: str, step: int, kind: str, idx: int, call: OptimizerCall
+    ) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO optimizer_calls (run_id, step, idx, output, error,"
+            "INSERT OR REPLACE INTO optimizer_calls (run_id, step, kind, idx, output, error,"
             " prompt_tokens, completion_tokens, created_at, cached)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 step,
+                kind,
                 idx,
                 call.output,
                 call.error,
@@ -247,10 +272,22 @@ class RunStore:
 
     # -- instructions and evaluations -------------------------------------------------------------
 
-    def add_instruction(self, run_id: str, key: str, text: str, step: int, origin: str) -> None:
+    def add_instruction(
+        self,
+        run_id: str,
+        key: str,
+        text: str,
+        step: int,
+        *,
+        origin: str,
+        kind: str,
+        parent: str | None = None,
+    ) -> None:
+        """Record an instruction once (the first record wins); `parent` is a key."""
         self._db.execute(
-            "INSERT OR IGNORE INTO instructions VALUES (?, ?, ?, ?, ?)",
-            (run_id, key, text, step, origin),
+            "INSERT OR IGNORE INTO instructions (run_id, key, text, step, origin, kind, parent)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (run_id, key, text, step, origin, kind, parent),
         )
 
     def evaluations(self, run_id: str, instruction_key: str) -> dict[str, Evaluation]:
@@ -289,15 +326,16 @@ class RunStore:
 
     # -- reports ----------------------------------------------------------------------------------
 
-    def history(self, run_id: str) -> list[HistoryRow]:
+    def history(self, run_id: str) -> list[HistoryEntry]:
         """Every instruction of a run with its mean score per split, in the order found."""
         rows = self._db.execute(
             """
-            SELECT i.step, i.origin, i.text,
+            SELECT i.step, i.origin, i.kind, i.text, p.text AS parent,
                    AVG(CASE WHEN e.split = 'train' THEN e.score END) AS train,
                    AVG(CASE WHEN e.split = 'validation' THEN e.score END) AS validation,
                    AVG(CASE WHEN e.split = 'test' THEN e.score END) AS test
             FROM instructions i
+            LEFT JOIN instructions p ON p.run_id = i.run_id AND p.key = i.parent
             LEFT JOIN evaluations e ON e.run_id = i.run_id AND e.instruction_key = i.key
             WHERE i.run_id = ?
             GROUP BY i.key
@@ -306,7 +344,16 @@ class RunStore:
             (run_id,),
         ).fetchall()
         return [
-            HistoryRow(r["step"], r["origin"], r["text"], r["train"], r["validation"], r["test"])
+            HistoryEntry(
+                step=r["step"],
+                origin=r["origin"],
+                instruction=r["text"],
+                train=r["train"],
+                validation=r["validation"],
+                test=r["test"],
+                kind=r["kind"],
+                parent=r["parent"],
+            )
             for r in rows
         ]
 

@@ -37,6 +37,7 @@ _TOP_FIELDS = frozenset(
         "initial_instructions",
         "split",
         "answer_max_tokens",
+        "strategy",
     }
 )
 _DATA_FIELDS = frozenset({"path", "records", "input", "target"})
@@ -89,6 +90,9 @@ class Task:
     initial_instructions: tuple[str, ...] = DEFAULT_INITIAL_INSTRUCTIONS
     split: SplitSpec = field(default_factory=SplitSpec)
     answer_max_tokens: int = 64
+    # The search strategy the task file asks for: {"name": ..., settings...}; checked
+    # against the known strategies where a run is built.
+    strategy: Mapping[str, Any] | None = None
     source: str | None = None
 
     # -- construction ---------------------------------------------------------------------
@@ -174,6 +178,7 @@ class Task:
             initial_instructions=tuple(initial),
             split=_load_split(raw.get("split", {}), src),
             answer_max_tokens=max_tokens,
+            strategy=_load_strategy(raw.get("strategy"), src),
             source=str(path.resolve()),
         )
         task.check()
@@ -411,6 +416,20 @@ def _load_metric(raw: Any, base: Path, src: str) -> tuple[Metric, str]:
     except ConfigError as exc:
         raise ConfigError(exc.message, source=src, field=exc.field or "metric") from None
     return metric, name
+
+
+def _load_strategy(raw: Any, src: str) -> Mapping[str, Any] | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        return {"name": raw}
+    if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+        return dict(raw)
+    raise ConfigError(
+        "must be a strategy name, or a mapping with a name and its settings",
+        source=src,
+        field="strategy",
+    )
 
 
 def _load_split(raw: Any, src: str) -> SplitSpec:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import BaseMessage
 
-from opro_agent import OproSettings, RetryPolicy, SplitSpec, Task
+from opro_agent import Opro, RetryPolicy, SearchSettings, SplitSpec, Task
 from opro_agent.local_server import LocalServer, find_embedded_model
 from opro_agent.providers import ModelOptions, Models, ModelSpec
 from tests.fakes import ScriptedChatModel
@@ -101,14 +101,21 @@ def scorer_model() -> ScriptedChatModel:
     return ScriptedChatModel(respond=scorer_reply, name_for_usage="fake-scorer")
 
 
+FAST_OPRO = Opro(candidates_per_step=4)
+FAST_RETRY = RetryPolicy(attempts=2, initial_wait=0.001, max_wait=0.002)
+
+
+def split_settings(**values: Any) -> tuple[SearchSettings, Opro]:
+    """Search settings and OPRO's settings from one set of values (OPRO: 4 candidates)."""
+    values = {"steps": 3, "concurrency": 4, "retry": FAST_RETRY, "candidates_per_step": 4, **values}
+    search = {k: v for k, v in values.items() if k in SearchSettings.__dataclass_fields__}
+    strategy = {k: v for k, v in values.items() if k not in search}
+    return SearchSettings(**search), Opro(**strategy)
+
+
 @pytest.fixture
-def fast_settings() -> OproSettings:
-    return OproSettings(
-        steps=3,
-        candidates_per_step=4,
-        concurrency=4,
-        retry=RetryPolicy(attempts=2, initial_wait=0.001, max_wait=0.002),
-    )
+def fast_settings() -> SearchSettings:
+    return split_settings()[0]
 
 
 needs_llama = pytest.mark.skipif(

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from opro_agent import Budget, OproOptimizer, OproSettings, RetryPolicy, RunResources, Task
+from opro_agent import Budget, Opro, OproOptimizer, RetryPolicy, SearchSettings, Task
 from tests.conftest import optimizer_reply, scorer_reply
 from tests.fakes import ScriptedChatModel
 
@@ -33,14 +33,13 @@ CASES: dict[str, dict[str, Any]] = {
 
 def _run(task: Task, case: dict[str, Any]) -> dict[str, Any]:
     values = {"steps": 3, "candidates_per_step": 4, "concurrency": 4, "retry": RETRY, **case}
-    max_calls = values.pop("max_calls", None)
+    values["budget"] = Budget(max_calls=values.pop("max_calls", None))
+    search = {k: v for k, v in values.items() if k in SearchSettings.__dataclass_fields__}
+    strategy = {k: v for k, v in values.items() if k not in search}
     optimizer = ScriptedChatModel(respond=optimizer_reply, name_for_usage="o")
     scorer = ScriptedChatModel(respond=scorer_reply, name_for_usage="s")
     result = OproOptimizer(
-        optimizer,
-        scorer,
-        settings=OproSettings(**values),
-        resources=RunResources(budget=Budget(max_calls=max_calls)),
+        optimizer, scorer, strategy=Opro(**strategy), settings=SearchSettings(**search)
     ).invoke(task)
     return {
         "best_instruction": result.best_instruction,

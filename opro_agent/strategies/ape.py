@@ -1,0 +1,162 @@
+"""APE (Zhou et al., 2022): instructions induced from input-output demonstrations.
+
+Step 1 proposes candidates from random demonstrations of the training split, in forward
+mode (the model continues "The instruction was to") and/or reverse mode (it is asked for
+the missing instruction). Every step races its candidates (multi-stage evaluation: scored on
+a few examples, the better half go on to twice as many, ...). Each later step is a round of
+iterative Monte Carlo resampling: variations of the best instructions so far that keep
+their meaning, raced the same way; the pool keeps the best.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from opro_agent.candidates import normalise_instruction, parse_instruction
+from opro_agent.errors import ConfigError
+from opro_agent.meta_prompt import builtin_template_dir, read_template
+from opro_agent.prompts import Message
+from opro_agent.strategies.base import Proposal, Rejected, SearchContext, StepCost, Strategy
+from opro_agent.task import Example, Task, TaskSplits
+
+__all__ = ["Ape", "ApeTemplates"]
+
+Mode = Literal["forward", "reverse", "both"]
+_TEMPLATE_FIELD = "strategy.templates"
+# What models put before an induced instruction, in forward mode especially.
+_LEAD_RE = re.compile(
+    r"^(?:the\s+)?(?:instruction\s+(?:was|is)\s*(?:to)?|instruction\s*:|output\s*:|to)\s*",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class ApeTemplates:
+    """APE's prompts, files in a folder (built-in: `meta_prompts/ape/`)."""
+
+    forward: str  # {demos}
+    reverse: str  # {demos}
+    demo: str  # {input}, {output}
+    resample: str  # {instruction}
+    tag: str
+
+    @classmethod
+    def load(cls, name_or_path: str) -> ApeTemplates:
+        folder = Path(name_or_path)
+        if not folder.is_dir():
+            folder = builtin_template_dir() / name_or_path
+        if not folder.is_dir():
+            raise ConfigError(f"no template folder {name_or_path!r}", field=_TEMPLATE_FIELD)
+        texts = {
+            name: read_template(folder, f"{name}.txt", required=True, field=_TEMPLATE_FIELD) or ""
+            for name in ("forward", "reverse", "demo", "resample", "tag")
+        }
+        templates = cls(**{**texts, "tag": texts["tag"].strip()})
+        try:  # fail now, not mid-run
+            templates.induce("forward", [("q", "a")])
+            templates.induce("reverse", [("q", "a")])
+            templates.resample.format(instruction="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"bad placeholder in template: {exc}", source=str(folder), field=_TEMPLATE_FIELD
+            ) from None
+        return templates
+
+    def induce(self, mode: str, demos: list[tuple[str, str]]) -> list[Message]:
+        text = "".join(self.demo.format(input=q, output=a) for q, a in demos)
+        template = self.forward if mode == "forward" else self.reverse
+        return [("human", template.format(demos=text).strip())]
+
+
+@dataclass(frozen=True)
+class Ape(Strategy):
+    """APE's settings: `proposals` induced at step 1 from `demos` demonstrations each;
+    later steps resample `variations` of each of the `resample_top` best instructions."""
+
+    name: ClassVar[str] = "ape"
+
+    proposals: int = 8
+    mode: Mode = "both"
+    demos: int = 5
+    first_stage: int = 5  # examples of the first racing stage
+    resample_top: int = 3
+    variations: int = 2
+    templates: str = "ape"
+
+    def __post_init__(self) -> None:
+        for name in ("proposals", "demos", "first_stage", "resample_top", "variations"):
+            if getattr(self, name) < 1:
+                raise ConfigError("must be at least 1", field=name)
+        if self.mode not in ("forward", "reverse", "both"):
+            raise ConfigError("must be forward, reverse or both", field="mode")
+        self.prompts  # noqa: B018 - a missing or broken template fails here, before a run
+
+    @cached_property
+    def prompts(self) -> ApeTemplates:
+        return ApeTemplates.load(self.templates)
+
+    def step_cost(self, step: int, splits: TaskSplits) -> StepCost:
+        asks = self.proposals if step == 1 else self.resample_top * self.variations
+        return StepCost(asks, asks * len(splits.train))
+
+    def sample_prompt(self, task: Task) -> list[Message]:
+        demos = [(task.question(e), e.target) for e in task.splits().train[: self.demos]]
+        return self.prompts.induce("reverse", demos)
+
+    async def step(self, ctx: SearchContext, step: int) -> None:
+        if step == 1:
+            pending = [self._induce(ctx, step, kind, idx) for kind, idx in self._modes()]
+        else:
+            parents = [c.text for c in ctx.pool.ranked()[: self.resample_top]]
+            pending = [
+                self._resample(ctx, step, parent, n * self.variations + v)
+                for n, parent in enumerate(parents)
+                for v in range(self.variations)
+            ]
+        await ctx.evaluate(pending, step=step, first_stage=self.first_stage)
+
+    def _modes(self) -> list[tuple[str, int]]:
+        """(kind, idx) of each step-1 proposal; `both` alternates forward and reverse."""
+        if self.mode != "both":
+            return [(self.mode, idx) for idx in range(self.proposals)]
+        kinds = ("forward", "reverse")
+        return [(kinds[n % 2], n // 2) for n in range(self.proposals)]
+
+    async def _induce(
+        self, ctx: SearchContext, step: int, kind: str, idx: int
+    ) -> Proposal | Rejected | None:
+        train = list(ctx.splits.train)
+        picked: list[Example] = ctx.rng(step, kind, idx).sample(train, min(self.demos, len(train)))
+        demos = [(ctx.task.question(e), e.target) for e in picked]
+        output = await ctx.ask(self.prompts.induce(kind, demos), step=step, kind=kind, idx=idx)
+        if output is None:
+            return None
+        return self._parse(output, kind, [q for q, _ in demos])
+
+    async def _resample(
+        self, ctx: SearchContext, step: int, parent: str, idx: int
+    ) -> Proposal | Rejected | None:
+        messages: list[Message] = [
+            ("human", self.prompts.resample.format(instruction=parent).strip())
+        ]
+        output = await ctx.ask(messages, step=step, kind="resample", idx=idx)
+        if output is None:
+            return None
+        return self._parse(output, "resample", [], parent=parent)
+
+    def _parse(
+        self, output: str, kind: str, questions: list[str], parent: str | None = None
+    ) -> Proposal | Rejected:
+        text = parse_instruction(output, self.prompts.tag)
+        if text is None:  # no tags: the first paragraph, without a lead-in
+            paragraph = next((p for p in re.split(r"\n\s*\n", output.strip()) if p.strip()), "")
+            text = normalise_instruction(_LEAD_RE.sub("", normalise_instruction(paragraph)))
+        if not text:
+            return Rejected("unparseable", output)
+        if any(q.strip() and q.strip() in text for q in questions):
+            return Rejected("echoes_exemplar", output)
+        return Proposal(text[0].upper() + text[1:], kind, parent)

@@ -1,0 +1,107 @@
+"""Strategies by name: the built-in ones, and any a package adds through the entry point
+group `opro_agent.strategies` (name = "module:StrategyClass"), as simonw/llm does for models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from typing import Any
+
+import structlog
+
+from opro_agent.errors import ConfigError
+from opro_agent.strategies.ape import Ape
+from opro_agent.strategies.base import Strategy
+from opro_agent.strategies.opro import Opro
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "StrategySpec",
+    "make_strategy",
+    "split_run_config",
+    "strategy_types",
+]
+
+ENTRY_POINT_GROUP = "opro_agent.strategies"
+# A name, a mapping with `name` and settings (as in YAML), or a ready strategy.
+StrategySpec = str | Mapping[str, Any] | Strategy
+
+log = structlog.get_logger()
+
+
+def strategy_types() -> dict[str, type[Strategy]]:
+    """Every strategy that can be chosen by name; a broken plugin is skipped with a warning."""
+    found: dict[str, type[Strategy]] = {Opro.name: Opro, Ape.name: Ape}
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = entry.load()
+        except Exception as exc:  # a third-party package failing must not break the rest
+            log.warning("strategy.plugin_failed", name=entry.name, error=str(exc))
+            continue
+        if not (isinstance(loaded, type) and issubclass(loaded, Strategy)):
+            log.warning("strategy.plugin_ignored", name=entry.name, reason="not a Strategy")
+            continue
+        found.setdefault(entry.name, loaded)
+    return found
+
+
+def make_strategy(
+    spec: StrategySpec,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    source: str | None = None,
+    field: str = "strategy",
+) -> Strategy:
+    """Build a strategy from a spec plus setting overrides; bad input is a ConfigError
+    naming `source` and `field`."""
+    if isinstance(spec, Strategy):
+        if not overrides:
+            return spec
+        settings = spec.to_dict()
+    elif isinstance(spec, str):
+        settings = {"name": spec}
+    elif isinstance(spec, Mapping):
+        settings = dict(spec)
+    else:
+        raise ConfigError(
+            "must be a strategy name or a mapping with a name", source=source, field=field
+        )
+    settings.update(overrides or {})
+    name = settings.pop("name", None)
+    types = strategy_types()
+    if not isinstance(name, str) or name not in types:
+        raise ConfigError(
+            f"no strategy {name!r} (known: {', '.join(sorted(types))})", source=source, field=field
+        )
+    cls = types[name]
+    known = sorted(f.name for f in dataclasses.fields(cls) if not f.name.startswith("_"))  # type: ignore[arg-type]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"strategy {name} has no setting {unknown[0]!r} (its settings: {', '.join(known)})",
+            source=source,
+            field=field,
+        )
+    try:
+        return cls.from_settings(settings)
+    except ConfigError as exc:
+        raise ConfigError(
+            exc.message, source=source, field=f"{field}.{exc.field}" if exc.field else field
+        ) from None
+    except (TypeError, ValueError) as exc:  # a value of the wrong type in a setting
+        raise ConfigError(
+            f"bad setting for strategy {name}: {exc}", source=source, field=field
+        ) from None
+
+
+def split_run_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A stored run's strategy (as `Strategy.to_dict`) and search settings. Runs stored
+    before strategies existed hold OPRO's and the search's settings in one mapping."""
+    if "strategy" in config:
+        return dict(config["strategy"]), dict(config["settings"])
+    settings = dict(config["settings"])
+    opro_fields = {f.name for f in dataclasses.fields(Opro)}
+    strategy = {k: settings.pop(k) for k in list(settings) if k in opro_fields}
+    return make_strategy({"name": Opro.name, **strategy}).to_dict(), settings
