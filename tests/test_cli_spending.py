@@ -318,7 +318,7 @@ def test_early_rejection_flag(
     assert (summary["saved_by_early_rejection"] > 0) is racing
     assert summary["best_instruction"] == "Answer with yes or no."
     stored = RunStore.open(tmp_path / "runs").get_run(summary["run_id"])
-    assert stored.config["settings"]["early_rejection"] is racing
+    assert stored.config["strategy"]["early_rejection"] is racing
 
 
 def test_generous_rate_limits_do_not_change_the_result(

@@ -17,7 +17,7 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
 
-from opro_agent import LLMCallsFailingError, OproOptimizer, OproSettings, RetryPolicy, Task
+from opro_agent import LLMCallsFailingError, Opro, OproOptimizer, RetryPolicy, SearchSettings, Task
 from opro_agent.candidates import instruction_key
 from opro_agent.cli import main
 from opro_agent.local_server import LocalServer, find_embedded_model
@@ -155,9 +155,8 @@ def test_a_run_killed_with_its_server_resumes_on_a_new_server(tmp_path: Path) ->
             "{train: 6, validation: 4, test: 6, seed: 1}",
         )
     )
-    settings = OproSettings(
+    settings = SearchSettings(
         steps=1,
-        candidates_per_step=2,
         concurrency=2,
         retry=RetryPolicy(attempts=2, initial_wait=0.05, max_wait=0.1),
     )
@@ -168,12 +167,14 @@ def test_a_run_killed_with_its_server_resumes_on_a_new_server(tmp_path: Path) ->
             _chat(first, 1.0, 60),
             _chat(first, 0.0, 8),
             settings=settings,
+            strategy=Opro(candidates_per_step=2),
             store=store,
             seed_optimizer_calls=True,
         )
+        run_id = optimizer.prepare_run(task)
         with pytest.raises(LLMCallsFailingError):
-            optimizer.invoke(task, {"callbacks": [_KillAfter(first, 4)]})
-    run_id = optimizer.last_run_id
+            optimizer.invoke(task, {"callbacks": [_KillAfter(first, 4)]}, run_id=run_id)
+    run_id = run_id
     assert run_id is not None
     assert store.get_run(run_id).status == "failed"
     paid = store.usage(run_id)["scorer_calls"] - store.failed_evaluations(run_id)
@@ -184,10 +185,10 @@ def test_a_run_killed_with_its_server_resumes_on_a_new_server(tmp_path: Path) ->
             _chat(second, 1.0, 60),
             _chat(second, 0.0, 8),
             settings=settings,
+            strategy=Opro(candidates_per_step=2),
             store=store,
-            run_id=run_id,
             seed_optimizer_calls=True,
-        ).invoke(task)
+        ).invoke(task, run_id=run_id)
     assert result.run_id == run_id
     assert store.get_run(run_id).status == "done"
     assert store.failed_evaluations(run_id) == 0

@@ -128,7 +128,7 @@ def test_custom_template_folder(tmp_path: Path) -> None:
 
 def test_template_needs_one_way_to_show_history(tmp_path: Path) -> None:
     for name in ("opening.txt", "exemplar.txt", "tag.txt"):
-        (tmp_path / name).write_text((builtin_template_dir() / "chat" / name).read_text())
+        (tmp_path / name).write_text((builtin_template_dir() / "opro" / "chat" / name).read_text())
     with pytest.raises(ConfigError, match=r"history_item\.txt, or reply\.txt and feedback\.txt"):
         MetaPromptTemplate.load(str(tmp_path))
 

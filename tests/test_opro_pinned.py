@@ -46,8 +46,7 @@ def _run(task: Task, case: dict[str, Any]) -> dict[str, Any]:
         "scores": dict(result.scores),
         "baselines": dict(result.baselines),
         "history": [
-            [h.step, h.origin, h.instruction, h.train, h.validation, h.test]
-            for h in result.history
+            [h.step, h.origin, h.instruction, h.train, h.validation, h.test] for h in result.history
         ],
         "calls": dict(result.calls),
         "tokens": dict(result.tokens),

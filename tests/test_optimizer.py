@@ -19,13 +19,13 @@ from langchain_core.runnables import RunnableLambda
 from opro_agent import (
     LLMCallsFailingError,
     OproOptimizer,
-    OproSettings,
+    SearchSettings,
     RunStore,
     RunStoreError,
     Task,
     evaluate_instruction,
 )
-from tests.conftest import FACTS, optimizer_reply, scorer_reply
+from tests.conftest import FACTS, FAST_OPRO, optimizer_reply, scorer_reply, split_settings
 from tests.fakes import ScriptedChatModel
 
 
@@ -37,11 +37,11 @@ def test_loop_finds_the_better_instruction(
     yes_no_task: Task,
     optimizer_model: ScriptedChatModel,
     scorer_model: ScriptedChatModel,
-    fast_settings: OproSettings,
+    fast_settings: SearchSettings,
 ) -> None:
     store = RunStore(":memory:")
     result = OproOptimizer(
-        optimizer_model, scorer_model, settings=fast_settings, store=store
+        optimizer_model, scorer_model, settings=fast_settings, strategy=FAST_OPRO, store=store
     ).invoke(yes_no_task)
 
     assert result.best_instruction == "Answer with yes or no."
@@ -63,12 +63,12 @@ def test_candidates_are_parsed_deduped_and_filtered(
     yes_no_task: Task,
     optimizer_model: ScriptedChatModel,
     scorer_model: ScriptedChatModel,
-    fast_settings: OproSettings,
+    fast_settings: SearchSettings,
 ) -> None:
     with structlog.testing.capture_logs() as logs:
-        result = OproOptimizer(optimizer_model, scorer_model, settings=fast_settings).invoke(
-            yes_no_task
-        )
+        result = OproOptimizer(
+            optimizer_model, scorer_model, settings=fast_settings, strategy=FAST_OPRO
+        ).invoke(yes_no_task)
     texts = [h.instruction for h in result.history]
     assert texts.count("Think about it.") == 1
     assert "Be brief" in texts  # an unclosed tag still yields the instruction
@@ -81,11 +81,11 @@ def test_the_test_split_is_never_shown_to_the_optimizer(
     yes_no_task: Task,
     optimizer_model: ScriptedChatModel,
     scorer_model: ScriptedChatModel,
-    fast_settings: OproSettings,
+    fast_settings: SearchSettings,
 ) -> None:
     store = RunStore(":memory:")
     result = OproOptimizer(
-        optimizer_model, scorer_model, settings=fast_settings, store=store
+        optimizer_model, scorer_model, settings=fast_settings, strategy=FAST_OPRO, store=store
     ).invoke(yes_no_task)
     splits = yes_no_task.splits()
     test_questions = {e.inputs["input"] for e in splits.test}
@@ -111,13 +111,14 @@ class _Interrupt:
 
 
 def test_interrupted_run_resumes_to_the_same_result_without_repeating_calls(
-    yes_no_task: Task, fast_settings: OproSettings, tmp_path: Path
+    yes_no_task: Task, fast_settings: SearchSettings, tmp_path: Path
 ) -> None:
     reference_scorer = ScriptedChatModel(respond=scorer_reply, name_for_usage="s")
     reference = OproOptimizer(
         ScriptedChatModel(respond=optimizer_reply, name_for_usage="o"),
         reference_scorer,
         settings=fast_settings,
+        strategy=FAST_OPRO,
     ).invoke(yes_no_task)
 
     store = RunStore.open(tmp_path)
@@ -126,11 +127,13 @@ def test_interrupted_run_resumes_to_the_same_result_without_repeating_calls(
         ScriptedChatModel(respond=_Interrupt(at=2), name_for_usage="o"),
         first_scorer,
         settings=fast_settings,
+        strategy=FAST_OPRO,
         store=store,
     )
+    run_id = interrupted.prepare_run(yes_no_task)
     with pytest.raises(KeyboardInterrupt):
-        interrupted.invoke(yes_no_task)
-    run_id = interrupted.last_run_id
+        interrupted.invoke(yes_no_task, run_id=run_id)
+    run_id = run_id
     assert run_id is not None
     assert store.get_run(run_id).status == "interrupted"
     store.close()
@@ -141,9 +144,9 @@ def test_interrupted_run_resumes_to_the_same_result_without_repeating_calls(
         ScriptedChatModel(respond=optimizer_reply, name_for_usage="o"),
         second_scorer,
         settings=fast_settings,
+        strategy=FAST_OPRO,
         store=store,
-        run_id=run_id,
-    ).invoke(yes_no_task)
+    ).invoke(yes_no_task, run_id=run_id)
 
     assert resumed.run_id == run_id
     assert resumed.best_instruction == reference.best_instruction
@@ -164,35 +167,37 @@ def _dead(messages: Sequence[BaseMessage], metadata: Mapping[str, Any]) -> str:
 
 
 def test_dead_scorer_stops_the_run_with_a_clear_error_and_loses_nothing(
-    yes_no_task: Task, fast_settings: OproSettings, tmp_path: Path
+    yes_no_task: Task, fast_settings: SearchSettings, tmp_path: Path
 ) -> None:
     store = RunStore.open(tmp_path)
     optimizer = OproOptimizer(
         ScriptedChatModel(respond=optimizer_reply),
         ScriptedChatModel(respond=_dead),
         settings=fast_settings,
+        strategy=FAST_OPRO,
         store=store,
     )
+    run_id = optimizer.prepare_run(yes_no_task)
     with pytest.raises(LLMCallsFailingError, match=r"scorer calls failed.*ConnectionError"):
-        optimizer.invoke(yes_no_task)
-    assert optimizer.last_run_id is not None
-    assert store.get_run(optimizer.last_run_id).status == "failed"
-    assert store.failed_evaluations(optimizer.last_run_id) >= 5
+        optimizer.invoke(yes_no_task, run_id=run_id)
+    assert run_id is not None
+    assert store.get_run(run_id).status == "failed"
+    assert store.failed_evaluations(run_id) >= 5
 
     # The server is back: the same run completes, and failed calls are tried again.
     result = OproOptimizer(
         ScriptedChatModel(respond=optimizer_reply),
         ScriptedChatModel(respond=scorer_reply),
         settings=fast_settings,
+        strategy=FAST_OPRO,
         store=store,
-        run_id=optimizer.last_run_id,
-    ).invoke(yes_no_task)
+    ).invoke(yes_no_task, run_id=run_id)
     assert result.best_instruction == "Answer with yes or no."
-    assert store.failed_evaluations(optimizer.last_run_id) == 0
+    assert store.failed_evaluations(run_id) == 0
 
 
 def test_a_few_failed_calls_score_zero_without_stopping(
-    yes_no_task: Task, fast_settings: OproSettings
+    yes_no_task: Task, fast_settings: SearchSettings
 ) -> None:
     first_question = yes_no_task.splits().train[0].inputs["input"]
 
@@ -206,18 +211,20 @@ def test_a_few_failed_calls_score_zero_without_stopping(
         ScriptedChatModel(respond=optimizer_reply),
         ScriptedChatModel(respond=flaky),
         settings=fast_settings,
+        strategy=FAST_OPRO,
         store=store,
     ).invoke(yes_no_task)
     assert result.scores["train"] == pytest.approx(19 / 20)
     assert store.failed_evaluations(result.run_id) > 0
 
 
-def test_failing_optimizer_stops_the_run(yes_no_task: Task, fast_settings: OproSettings) -> None:
+def test_failing_optimizer_stops_the_run(yes_no_task: Task, fast_settings: SearchSettings) -> None:
     with pytest.raises(LLMCallsFailingError, match="optimizer calls of step 1 failed"):
         OproOptimizer(
             ScriptedChatModel(respond=_dead),
             ScriptedChatModel(respond=scorer_reply),
             settings=fast_settings,
+            strategy=FAST_OPRO,
         ).invoke(yes_no_task)
 
 
@@ -227,16 +234,16 @@ def test_failing_optimizer_stops_the_run(yes_no_task: Task, fast_settings: OproS
 )
 def test_early_stopping(
     yes_no_task: Task,
-    fast_settings: OproSettings,
+    fast_settings: SearchSettings,
     changes: dict[str, Any],
     reason: str,
     steps_run: int,
 ) -> None:
-    settings = OproSettings.from_dict({**fast_settings.to_dict(), **changes})
     result = OproOptimizer(
         ScriptedChatModel(respond=optimizer_reply),
         ScriptedChatModel(respond=scorer_reply),
-        settings=settings,
+        settings=fast_settings.replace(**changes),
+        strategy=FAST_OPRO,
     ).invoke(yes_no_task)
     assert result.stop_reason == reason
     assert max(h.step for h in result.history) == steps_run
@@ -247,13 +254,16 @@ def _exemplar_questions(prompt: str) -> list[str]:
 
 
 @pytest.mark.parametrize("selection", ["random", "constant", "most_wrong"])
-def test_exemplar_selection(yes_no_task: Task, fast_settings: OproSettings, selection: str) -> None:
-    settings = OproSettings.from_dict(
-        {**fast_settings.to_dict(), "exemplar_selection": selection, "candidates_per_step": 1}
-    )
+def test_exemplar_selection(
+    yes_no_task: Task, fast_settings: SearchSettings, selection: str
+) -> None:
+    settings, strategy = split_settings(exemplar_selection=selection, candidates_per_step=1)
     optimizer_model = ScriptedChatModel(respond=optimizer_reply)
     OproOptimizer(
-        optimizer_model, ScriptedChatModel(respond=scorer_reply), settings=settings
+        optimizer_model,
+        ScriptedChatModel(respond=scorer_reply),
+        settings=settings,
+        strategy=strategy,
     ).invoke(yes_no_task)
     per_step = [_exemplar_questions(p) for p in _optimizer_prompts(optimizer_model)]
     train = {e.inputs["input"] for e in yes_no_task.splits().train}
@@ -296,10 +306,12 @@ def test_runnable_config_reaches_every_llm_call(
     yes_no_task: Task,
     optimizer_model: ScriptedChatModel,
     scorer_model: ScriptedChatModel,
-    fast_settings: OproSettings,
+    fast_settings: SearchSettings,
 ) -> None:
     recorder = _Recorder()
-    result = OproOptimizer(optimizer_model, scorer_model, settings=fast_settings).invoke(
+    result = OproOptimizer(
+        optimizer_model, scorer_model, settings=fast_settings, strategy=FAST_OPRO
+    ).invoke(
         yes_no_task,
         {"callbacks": [recorder], "tags": ["my-app"], "metadata": {"user": "ada"}},
     )
@@ -318,10 +330,11 @@ def test_prompt_template_reproduces_the_optimization_time_score(
     yes_no_task: Task,
     optimizer_model: ScriptedChatModel,
     scorer_model: ScriptedChatModel,
-    fast_settings: OproSettings,
+    fast_settings: SearchSettings,
 ) -> None:
-    settings = OproSettings.from_dict({**fast_settings.to_dict(), "steps": 1})
-    result = OproOptimizer(optimizer_model, scorer_model, settings=settings).invoke(yes_no_task)
+    result = OproOptimizer(
+        optimizer_model, scorer_model, settings=fast_settings.replace(steps=1), strategy=FAST_OPRO
+    ).invoke(yes_no_task)
     assert result.best_instruction == "Think about it."  # a partial score makes this telling
     chain = result.to_prompt_template() | scorer_model
     test = yes_no_task.splits().test
@@ -335,14 +348,14 @@ def test_prompt_template_reproduces_the_optimization_time_score(
 
 
 def test_a_whole_chain_can_be_the_target(
-    yes_no_task: Task, optimizer_model: ScriptedChatModel, fast_settings: OproSettings
+    yes_no_task: Task, optimizer_model: ScriptedChatModel, fast_settings: SearchSettings
 ) -> None:
     prompt = ChatPromptTemplate.from_messages([("system", "{instruction}"), ("human", "{input}")])
     model = ScriptedChatModel(respond=scorer_reply)
     chain = prompt | model | StrOutputParser()
-    result = OproOptimizer(optimizer_model, target=chain, settings=fast_settings).invoke(
-        yes_no_task
-    )
+    result = OproOptimizer(
+        optimizer_model, target=chain, settings=fast_settings, strategy=FAST_OPRO
+    ).invoke(yes_no_task)
     assert result.best_instruction == "Answer with yes or no."
     assert result.scores["test"] == 1.0
     assert model.calls[0]["prompt"].startswith("Let's solve the problem.\n")
@@ -352,9 +365,11 @@ def test_the_optimizer_is_a_runnable_step_sync_and_async(
     yes_no_task: Task,
     optimizer_model: ScriptedChatModel,
     scorer_model: ScriptedChatModel,
-    fast_settings: OproSettings,
+    fast_settings: SearchSettings,
 ) -> None:
-    optimizer = OproOptimizer(optimizer_model, scorer_model, settings=fast_settings)
+    optimizer = OproOptimizer(
+        optimizer_model, scorer_model, settings=fast_settings, strategy=FAST_OPRO
+    )
     pipeline = (
         RunnableLambda(lambda name: yes_no_task)
         | optimizer
@@ -365,16 +380,17 @@ def test_the_optimizer_is_a_runnable_step_sync_and_async(
 
 
 def test_resuming_with_changed_task_data_is_refused(
-    yes_no_task: Task, fast_settings: OproSettings
+    yes_no_task: Task, fast_settings: SearchSettings
 ) -> None:
     store = RunStore(":memory:")
     first = OproOptimizer(
         ScriptedChatModel(respond=optimizer_reply),
         ScriptedChatModel(respond=scorer_reply),
         settings=fast_settings,
+        strategy=FAST_OPRO,
         store=store,
     )
-    first.invoke(yes_no_task)
+    run_id = first.invoke(yes_no_task).run_id
     changed = Task.from_records(
         "even_numbers",
         [{"input": q, "target": "yes"} for q, _ in FACTS],
@@ -386,9 +402,9 @@ def test_resuming_with_changed_task_data_is_refused(
             ScriptedChatModel(respond=optimizer_reply),
             ScriptedChatModel(respond=scorer_reply),
             settings=fast_settings,
+            strategy=FAST_OPRO,
             store=store,
-            run_id=first.last_run_id,
-        ).invoke(changed)
+        ).invoke(changed, run_id=run_id)
 
 
 def test_evaluate_instruction(yes_no_task: Task, scorer_model: ScriptedChatModel) -> None:
@@ -400,7 +416,9 @@ def test_evaluate_instruction(yes_no_task: Task, scorer_model: ScriptedChatModel
     assert bad.score == 0.0 and len(bad.results) == 20
 
 
-def test_wrapped_models_work_in_both_roles(yes_no_task: Task, fast_settings: OproSettings) -> None:
+def test_wrapped_models_work_in_both_roles(
+    yes_no_task: Task, fast_settings: SearchSettings
+) -> None:
     def broken(messages: Sequence[BaseMessage], metadata: Mapping[str, Any]) -> str:
         raise ConnectionError("primary is down")
 
@@ -410,6 +428,7 @@ def test_wrapped_models_work_in_both_roles(yes_no_task: Task, fast_settings: Opr
         ScriptedChatModel(respond=optimizer_reply).with_retry(stop_after_attempt=2),
         primary.with_fallbacks([fallback]),
         settings=fast_settings,
+        strategy=FAST_OPRO,
     ).invoke(yes_no_task)
     assert result.best_instruction == "Answer with yes or no."
     assert primary.calls == [] and len(fallback.calls) == result.calls["scorer"]

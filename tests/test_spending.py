@@ -22,7 +22,8 @@ from opro_agent import (
     ConfigError,
     LLMCallsFailingError,
     OproOptimizer,
-    OproSettings,
+    SearchSettings,
+    Strategy,
     OptimizationResult,
     Price,
     RateLimits,
@@ -36,13 +37,14 @@ from opro_agent import (
 )
 from opro_agent.candidates import instruction_key
 from opro_agent.llm_calls import Caller, CallPolicy
-from opro_agent.optimizer import racing_survivors
+from opro_agent.search import racing_survivors
 from opro_agent.store import MIGRATIONS
-from tests.conftest import FACTS, optimizer_reply, scorer_reply
+from tests.conftest import FACTS, FAST_OPRO, optimizer_reply, scorer_reply
 from tests.fakes import Responder, ScriptedChatModel
 
 IDS = {"optimizer": "o", "scorer": "s"}
 TRAIN, VALIDATION, TEST = 20, 10, 30
+RACING = dataclasses.replace(FAST_OPRO, early_rejection=True)
 WINNER = "Answer with yes or no."
 INITIAL = "Let's solve the problem."
 
@@ -57,12 +59,13 @@ class Outcome:
 
 def _optimize(
     task: Task,
-    settings: OproSettings,
+    settings: SearchSettings,
     *,
     resources: RunResources | None = None,
     store: RunStore | None = None,
     run_id: str | None = None,
     seed: bool = False,
+    strategy: Strategy = FAST_OPRO,
     optimizer: Responder = optimizer_reply,
     scorer: Responder = scorer_reply,
 ) -> Outcome:
@@ -73,15 +76,15 @@ def _optimize(
         optimizer_model,
         scorer_model,
         settings=settings,
+        strategy=strategy,
         resources=resources,
         store=store,
-        run_id=run_id,
         seed_optimizer_calls=seed,
-    ).invoke(task)
+    ).invoke(task, run_id=run_id)
     return Outcome(result, optimizer_model, scorer_model, store)
 
 
-def _with(settings: OproSettings, **changes: Any) -> OproSettings:
+def _with(settings: SearchSettings, **changes: Any) -> SearchSettings:
     return dataclasses.replace(settings, **changes)
 
 
@@ -111,7 +114,7 @@ def _history(result: OptimizationResult) -> list[tuple[Any, ...]]:
 
 
 def test_an_identical_second_run_is_answered_by_the_cache(
-    yes_no_task: Task, fast_settings: OproSettings, tmp_path: Path
+    yes_no_task: Task, fast_settings: SearchSettings, tmp_path: Path
 ) -> None:
     path = tmp_path / "cache" / "responses.db"
     first = _optimize(
@@ -151,7 +154,7 @@ def test_an_identical_second_run_is_answered_by_the_cache(
     ],
 )
 def test_nothing_is_cached_without_a_cache_or_a_model_identity(
-    yes_no_task: Task, fast_settings: OproSettings, resources: Any
+    yes_no_task: Task, fast_settings: SearchSettings, resources: Any
 ) -> None:
     shared = resources()  # the same cache (if any) for both runs
     first = _optimize(yes_no_task, fast_settings, resources=shared, seed=True)
@@ -164,7 +167,7 @@ def test_nothing_is_cached_without_a_cache_or_a_model_identity(
 
 @pytest.mark.parametrize(("seeded", "paid_again"), [(True, 0), (False, 12)])
 def test_optimizer_calls_are_cached_only_when_seeded(
-    yes_no_task: Task, fast_settings: OproSettings, seeded: bool, paid_again: int
+    yes_no_task: Task, fast_settings: SearchSettings, seeded: bool, paid_again: int
 ) -> None:
     resources = RunResources(cache=ResponseCache(":memory:"), identities=IDS)
     first = _optimize(yes_no_task, fast_settings, resources=resources, seed=seeded)
@@ -178,7 +181,7 @@ def test_optimizer_calls_are_cached_only_when_seeded(
 
 
 def test_a_different_model_identity_misses_the_cache(
-    yes_no_task: Task, fast_settings: OproSettings
+    yes_no_task: Task, fast_settings: SearchSettings
 ) -> None:
     cache = ResponseCache(":memory:")
     first = _optimize(
@@ -238,11 +241,9 @@ def test_the_cache_key_includes_per_call_arguments() -> None:
     [(150, INITIAL), (250, WINNER)],  # 250: steps 1 and 2 fit, step 3 does not
 )
 def test_a_call_budget_stops_the_run_cleanly_and_keeps_the_final_evaluation(
-    yes_no_task: Task, fast_settings: OproSettings, max_calls: int, best: str
+    yes_no_task: Task, fast_settings: SearchSettings, max_calls: int, best: str
 ) -> None:
-    out = _optimize(
-        yes_no_task, fast_settings, resources=RunResources(budget=Budget(max_calls=max_calls))
-    )
+    out = _optimize(yes_no_task, _with(fast_settings, budget=Budget(max_calls=max_calls)))
     result = out.result
     assert result.stop_reason == "budget"
     assert _paid(result) <= max_calls
@@ -256,9 +257,9 @@ def test_a_call_budget_stops_the_run_cleanly_and_keeps_the_final_evaluation(
 
 
 def test_a_budget_that_runs_out_in_the_final_evaluation_still_returns_a_result(
-    yes_no_task: Task, fast_settings: OproSettings
+    yes_no_task: Task, fast_settings: SearchSettings
 ) -> None:
-    out = _optimize(yes_no_task, fast_settings, resources=RunResources(budget=Budget(max_calls=50)))
+    out = _optimize(yes_no_task, _with(fast_settings, budget=Budget(max_calls=50)))
     assert out.result.stop_reason == "budget"
     # Calls still in flight when the budget runs out are cancelled: at most 50 are made.
     assert 50 - fast_settings.concurrency <= _paid(out.result) <= 50
@@ -270,35 +271,35 @@ def test_a_budget_that_runs_out_in_the_final_evaluation_still_returns_a_result(
 
 
 def test_a_budget_too_small_for_the_initial_instructions_is_an_error(
-    yes_no_task: Task, fast_settings: OproSettings
+    yes_no_task: Task, fast_settings: SearchSettings
 ) -> None:
     store = RunStore(":memory:")
     scorer = ScriptedChatModel(respond=scorer_reply)
     optimizer = OproOptimizer(
         ScriptedChatModel(respond=optimizer_reply),
         scorer,
-        settings=fast_settings,
-        resources=RunResources(budget=Budget(max_calls=10)),
+        settings=_with(fast_settings, budget=Budget(max_calls=10)),
+        strategy=FAST_OPRO,
         store=store,
     )
+    run_id = optimizer.prepare_run(yes_no_task)
     with pytest.raises(
         BudgetExceededError, match="budget ran out before the initial instructions were scored"
     ):
-        optimizer.invoke(yes_no_task)
+        optimizer.invoke(yes_no_task, run_id=run_id)
     assert 0 < len(scorer.calls) <= 10
-    assert optimizer.last_run_id is not None
-    assert store.usage(optimizer.last_run_id)["scorer_calls"] <= 10
-    assert store.get_run(optimizer.last_run_id).status == "failed"
+    assert run_id is not None
+    assert store.usage(run_id)["scorer_calls"] <= 10
+    assert store.get_run(run_id).status == "failed"
 
 
 def test_a_resumed_run_counts_earlier_sessions_against_the_budget(
-    yes_no_task: Task, fast_settings: OproSettings
+    yes_no_task: Task, fast_settings: SearchSettings
 ) -> None:
     store = RunStore(":memory:")
     first = _optimize(
         yes_no_task,
-        fast_settings,
-        resources=RunResources(budget=Budget(max_calls=150)),
+        _with(fast_settings, budget=Budget(max_calls=150)),
         store=store,
     )
     assert first.result.stop_reason == "budget"
@@ -307,8 +308,7 @@ def test_a_resumed_run_counts_earlier_sessions_against_the_budget(
     # Step 1 and the final evaluation (84 + 90 calls) fit 200 calls, but not 200 - 60.
     second = _optimize(
         yes_no_task,
-        fast_settings,
-        resources=RunResources(budget=Budget(max_calls=200)),
+        _with(fast_settings, budget=Budget(max_calls=200)),
         store=store,
         run_id=first.result.run_id,
     )
@@ -320,13 +320,12 @@ def test_a_resumed_run_counts_earlier_sessions_against_the_budget(
 
 
 def test_resuming_a_budget_stopped_run_with_the_same_budget_reproduces_its_result(
-    yes_no_task: Task, fast_settings: OproSettings
+    yes_no_task: Task, fast_settings: SearchSettings
 ) -> None:
     store = RunStore(":memory:")
     first = _optimize(
         yes_no_task,
-        fast_settings,
-        resources=RunResources(budget=Budget(max_calls=250)),
+        _with(fast_settings, budget=Budget(max_calls=250)),
         store=store,
     )
     assert first.result.best_instruction == WINNER  # steps 1 and 2 ran, step 3 did not fit
@@ -334,8 +333,7 @@ def test_resuming_a_budget_stopped_run_with_the_same_budget_reproduces_its_resul
 
     again = _optimize(
         yes_no_task,
-        fast_settings,
-        resources=RunResources(budget=Budget(max_calls=250)),
+        _with(fast_settings, budget=Budget(max_calls=250)),
         store=store,
         run_id=run_id,
     )
@@ -347,21 +345,19 @@ def test_resuming_a_budget_stopped_run_with_the_same_budget_reproduces_its_resul
 
 
 def test_a_budget_stopped_run_resumes_to_completion_with_a_bigger_budget(
-    yes_no_task: Task, fast_settings: OproSettings
+    yes_no_task: Task, fast_settings: SearchSettings
 ) -> None:
     reference = _optimize(yes_no_task, fast_settings).result
     store = RunStore(":memory:")
     stopped = _optimize(
         yes_no_task,
-        fast_settings,
-        resources=RunResources(budget=Budget(max_calls=150)),
+        _with(fast_settings, budget=Budget(max_calls=150)),
         store=store,
     )
     assert stopped.result.stop_reason == "budget"
     resumed = _optimize(
         yes_no_task,
-        fast_settings,
-        resources=RunResources(budget=Budget(max_calls=1000)),
+        _with(fast_settings, budget=Budget(max_calls=1000)),
         store=store,
         run_id=stopped.result.run_id,
     )
@@ -393,10 +389,12 @@ def _tokens(model: ScriptedChatModel) -> tuple[int, int]:
     ],
 )
 def test_token_and_cost_budgets_and_the_reported_cost(
-    yes_no_task: Task, fast_settings: OproSettings, budget: Budget | None
+    yes_no_task: Task, fast_settings: SearchSettings, budget: Budget | None
 ) -> None:
     out = _optimize(
-        yes_no_task, fast_settings, resources=RunResources(budget=budget, prices=PRICES)
+        yes_no_task,
+        _with(fast_settings, budget=budget or Budget()),
+        resources=RunResources(prices=PRICES),
     )
     result = out.result
     scorer_tokens, optimizer_tokens = _tokens(out.scorer), _tokens(out.optimizer)
@@ -419,7 +417,9 @@ def test_token_and_cost_budgets_and_the_reported_cost(
         assert sum(result.tokens.values()) <= budget.max_tokens
 
 
-def test_no_cost_is_reported_without_prices(yes_no_task: Task, fast_settings: OproSettings) -> None:
+def test_no_cost_is_reported_without_prices(
+    yes_no_task: Task, fast_settings: SearchSettings
+) -> None:
     assert _optimize(yes_no_task, fast_settings).result.cost is None
 
 
@@ -441,10 +441,10 @@ def test_a_budget_must_be_positive(limits: dict[str, Any], flag: str) -> None:
 
 
 def test_racing_saves_scorer_calls_and_picks_the_same_winner(
-    yes_no_task: Task, fast_settings: OproSettings
+    yes_no_task: Task, fast_settings: SearchSettings
 ) -> None:
-    assert not fast_settings.early_rejection and fast_settings.first_stage == 5  # the defaults
-    raced = _optimize(yes_no_task, _with(fast_settings, early_rejection=True))
+    assert not FAST_OPRO.early_rejection and FAST_OPRO.first_stage == 5  # the defaults
+    raced = _optimize(yes_no_task, fast_settings, strategy=RACING)
     full = _optimize(yes_no_task, fast_settings)
 
     assert raced.result.saved_by_early_rejection > 0
@@ -461,9 +461,9 @@ def test_racing_saves_scorer_calls_and_picks_the_same_winner(
 
 
 def test_candidates_rejected_early_are_in_the_history_with_a_partial_train_score(
-    yes_no_task: Task, fast_settings: OproSettings
+    yes_no_task: Task, fast_settings: SearchSettings
 ) -> None:
-    out = _optimize(yes_no_task, _with(fast_settings, early_rejection=True))
+    out = _optimize(yes_no_task, fast_settings, strategy=RACING)
     run_id = out.result.run_id
     counts = _train_counts(out.store, run_id)
     rejected = {key: n for key, n in counts.items() if n < TRAIN}
@@ -483,7 +483,7 @@ def test_candidates_rejected_early_are_in_the_history_with_a_partial_train_score
 
 
 def test_racing_keeps_the_better_half_and_ties_at_the_cut(
-    fast_settings: OproSettings,
+    fast_settings: SearchSettings,
 ) -> None:
     task = Task.from_records(
         "even_numbers",
@@ -498,7 +498,7 @@ def test_racing_keeps_the_better_half_and_ties_at_the_cut(
         texts = [*perfect, "Say anything, version D."]  # the last one rambles: scores 0
         return f"<INS>{texts[metadata['opro_candidate']]}</INS>"
 
-    out = _optimize(task, _with(fast_settings, steps=1, early_rejection=True), optimizer=propose)
+    out = _optimize(task, _with(fast_settings, steps=1), strategy=RACING, optimizer=propose)
     counts = _train_counts(out.store, out.result.run_id)
     incumbent = next(h.train for h in out.result.history if h.step == 0)
     assert incumbent is not None and 0 < incumbent < 1
@@ -509,10 +509,9 @@ def test_racing_keeps_the_better_half_and_ties_at_the_cut(
     assert out.result.saved_by_early_rejection == TRAIN - 5
 
 
-def test_racing_is_deterministic(yes_no_task: Task, fast_settings: OproSettings) -> None:
-    raced = _with(fast_settings, early_rejection=True)
-    first = _optimize(yes_no_task, raced)
-    second = _optimize(yes_no_task, raced)
+def test_racing_is_deterministic(yes_no_task: Task, fast_settings: SearchSettings) -> None:
+    first = _optimize(yes_no_task, fast_settings, strategy=RACING)
+    second = _optimize(yes_no_task, fast_settings, strategy=RACING)
     assert _history(first.result) == _history(second.result)
     assert first.result.saved_by_early_rejection == second.result.saved_by_early_rejection
     assert _evaluated(first.store, first.result.run_id) == _evaluated(
@@ -555,7 +554,7 @@ PATIENT = RetryPolicy(
 
 
 def test_rate_limit_errors_are_retried_patiently_and_are_not_failures(
-    yes_no_task: Task, fast_settings: OproSettings
+    yes_no_task: Task, fast_settings: SearchSettings
 ) -> None:
     settings = _with(fast_settings, retry=PATIENT)
     reference = _optimize(yes_no_task, settings).result
@@ -574,7 +573,7 @@ def test_rate_limit_errors_are_retried_patiently_and_are_not_failures(
 
 
 def test_without_rate_limit_errors_the_same_429s_are_failures(
-    yes_no_task: Task, fast_settings: OproSettings
+    yes_no_task: Task, fast_settings: SearchSettings
 ) -> None:
     store = RunStore(":memory:")
     optimizer = OproOptimizer(
@@ -583,14 +582,15 @@ def test_without_rate_limit_errors_the_same_429s_are_failures(
         settings=_with(fast_settings, retry=PATIENT),
         store=store,
     )
+    run_id = optimizer.prepare_run(yes_no_task)
     with pytest.raises(LLMCallsFailingError, match="FakeRateLimit"):
-        optimizer.invoke(yes_no_task)
-    assert optimizer.last_run_id is not None
-    assert store.failed_evaluations(optimizer.last_run_id) >= 5
+        optimizer.invoke(yes_no_task, run_id=run_id)
+    assert run_id is not None
+    assert store.failed_evaluations(run_id) >= 5
 
 
 def test_generous_rate_limits_do_not_change_the_result(
-    yes_no_task: Task, fast_settings: OproSettings
+    yes_no_task: Task, fast_settings: SearchSettings
 ) -> None:
     reference = _optimize(yes_no_task, fast_settings).result
     limited = _optimize(
@@ -645,7 +645,7 @@ class Recorder:
 
 
 def test_the_observer_hears_every_call_step_and_plan(
-    yes_no_task: Task, fast_settings: OproSettings
+    yes_no_task: Task, fast_settings: SearchSettings
 ) -> None:
     cache = ResponseCache(":memory:")
     runs = []
