@@ -121,7 +121,9 @@ def test_user_text_with_braces_is_not_a_placeholder(variant: str) -> None:
 
 def test_custom_template_folder(tmp_path: Path) -> None:
     for name in ("opening.txt", "history_item.txt", "exemplar.txt"):
-        (tmp_path / name).write_text((builtin_template_dir() / "chat_single" / name).read_text())
+        (tmp_path / name).write_text(
+            (builtin_template_dir() / "opro" / "chat_single" / name).read_text()
+        )
     (tmp_path / "tag.txt").write_text("PROMPT\n")
     assert MetaPromptTemplate.load(str(tmp_path)).tag == "PROMPT"
 

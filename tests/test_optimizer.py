@@ -19,9 +19,9 @@ from langchain_core.runnables import RunnableLambda
 from opro_agent import (
     LLMCallsFailingError,
     OproOptimizer,
-    SearchSettings,
     RunStore,
     RunStoreError,
+    SearchSettings,
     Task,
     evaluate_instruction,
 )

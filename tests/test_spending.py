@@ -22,8 +22,6 @@ from opro_agent import (
     ConfigError,
     LLMCallsFailingError,
     OproOptimizer,
-    SearchSettings,
-    Strategy,
     OptimizationResult,
     Price,
     RateLimits,
@@ -32,7 +30,9 @@ from opro_agent import (
     RunResources,
     RunStore,
     RunStoreError,
+    SearchSettings,
     SplitSpec,
+    Strategy,
     Task,
 )
 from opro_agent.candidates import instruction_key
