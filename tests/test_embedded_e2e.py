@@ -110,6 +110,43 @@ def test_small_real_optimization_on_a_bbh_task(
     _check_against_store(summary, task, tmp_path / "runs")
 
 
+def test_ape_and_compare_run_on_the_embedded_model(
+    embedded_server: LocalServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task = _small_task(
+        tmp_path,
+        str(REPO / "tasks" / "yes_no_facts.jsonl"),
+        "",
+        "{train: 6, validation: 6, test: 12, seed: 3}",
+    )
+    model = ["--optimizer", f"openai:{embedded_server.model_name}"]
+    model += ["--optimizer-base-url", embedded_server.base_url]
+    model += ["--scorer", f"openai:{embedded_server.model_name}"]
+    model += ["--scorer-base-url", embedded_server.base_url]
+    run_dir = tmp_path / "runs"
+    flags = ["--steps", "2", "--max-calls", "200", "--run-dir", str(run_dir), "--json"]
+    settings = ["-S", "proposals=4", "-S", "resample_top=2"]
+    code = main(["optimize", str(task), "--strategy", "ape", *settings, *model, *flags])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["strategy"] == "ape"
+    _check_against_store(summary, task, run_dir)
+    history = RunStore.open(run_dir).history(summary["run_id"])
+    assert {h.kind for h in history} & {"forward", "reverse"}, "APE induced instructions"
+
+    code = main(["compare", str(task), "--strategies", "opro,ape", *model, *flags])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [s["strategy"] for s in report["strategies"]] == ["opro", "ape"]
+    for strategy in report["strategies"]:
+        (run_id,) = strategy["runs"]
+        stored = RunStore.open(run_dir).get_run(run_id)
+        assert stored.status == "done"
+        test = stored.summary["scores"]["test"]  # type: ignore[index]
+        assert test == pytest.approx(strategy["test"]["mean"], abs=1e-4)
+        assert 0 < strategy["calls"] <= 200
+
+
 def test_the_local_spec_starts_and_stops_its_own_server(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from opro_agent.cli import main
 from opro_agent.local_server import LocalServer
+from opro_agent.store import RunStore
 from tests.conftest import needs_llama
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -53,7 +56,7 @@ def test_python_examples_run_on_the_embedded_model(
     monkeypatch.setenv("OPENAI_API_KEY", "unused")
     namespace: dict[str, object] = {}
     blocks = _blocks("python")
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
     printed = capsys.readouterr().out.strip()
@@ -61,3 +64,26 @@ def test_python_examples_run_on_the_embedded_model(
     assert isinstance(best, str) and printed.endswith(best.strip())
     result = namespace["result"]
     assert result.scores["test"] is not None  # type: ignore[attr-defined]
+    ape_result = namespace["ape_result"]
+    assert ape_result.strategy == "ape"  # type: ignore[attr-defined]
+    assert {h.kind for h in ape_result.history} >= {"initial", "reverse"}  # type: ignore[attr-defined]
+
+
+def test_the_readme_compare_command_runs(
+    task_file: Path,
+    fake_models: dict[str, list[Any]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The command as printed, on scripted models (the embedded model runs compare in
+    tests/test_embedded_e2e.py)."""
+    command = next(b.strip() for b in _blocks("bash") if b.startswith("opro-agent compare"))
+    argv = shlex.split(command)[1:]
+    assert argv[1] == "tasks/yes_no_facts.yaml" and (README.parent / argv[1]).is_file()
+    monkeypatch.chdir(tmp_path)
+    argv[1] = str(task_file)
+    assert main([*argv, "--run-dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "opro " in out and "ape " in out and "best ape: " in out
+    assert len(RunStore.open(tmp_path / "runs").list_runs()) == 6  # 2 strategies x 3 seeds
