@@ -27,7 +27,8 @@ def default_cache_dir() -> Path:
     return Path(base) / "opro-agent"
 
 
-CachedResponse = tuple[str, int, int]  # text, prompt tokens, completion tokens
+# text, prompt tokens, completion tokens, token log probabilities (when the model gave them)
+CachedResponse = tuple[str, int, int, list[Any] | None]
 
 
 def _plain(value: Any) -> Any:
@@ -52,6 +53,9 @@ class ResponseCache:
                 " prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,"
                 " created_at REAL NOT NULL)"
             )
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(responses)")}
+            if "logprobs" not in columns:  # caches written before log probabilities were kept
+                self._db.execute("ALTER TABLE responses ADD COLUMN logprobs TEXT")
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the response cache: {exc}", source=self.path) from None
 
@@ -66,13 +70,26 @@ class ResponseCache:
 
     def get(self, key: str) -> CachedResponse | None:
         row = self._db.execute(
-            "SELECT text, prompt_tokens, completion_tokens FROM responses WHERE key = ?", (key,)
+            "SELECT text, prompt_tokens, completion_tokens, logprobs FROM responses WHERE key = ?",
+            (key,),
         ).fetchone()
-        return None if row is None else (row[0], row[1], row[2])
+        if row is None:
+            return None
+        return (row[0], row[1], row[2], None if row[3] is None else json.loads(row[3]))
 
     def put(self, key: str, response: CachedResponse) -> None:
+        text, prompt_tokens, completion_tokens, logprobs = response
         self._db.execute(
-            "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)", (key, *response, time.time())
+            "INSERT OR REPLACE INTO responses (key, text, prompt_tokens, completion_tokens,"
+            " created_at, logprobs) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                key,
+                text,
+                prompt_tokens,
+                completion_tokens,
+                time.time(),
+                None if logprobs is None else json.dumps(logprobs),
+            ),
         )
 
     def close(self) -> None:

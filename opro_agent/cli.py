@@ -48,6 +48,7 @@ from opro_agent.tokens import tiktoken_available
 __all__ = ["main"]
 
 OPTIMIZER_MAX_TOKENS = 200  # an instruction is at most 500 characters
+SCORER_TOP_LOGPROBS = 5  # alternatives per answer token, to find the gold answer among them
 log = structlog.get_logger()
 
 
@@ -415,7 +416,12 @@ class _Session:
         }
         options = {
             "optimizer": ModelOptions(1.0, OPTIMIZER_MAX_TOKENS, job.optimizer_url),
-            "scorer": ModelOptions(0.0, job.task.answer_max_tokens, job.scorer_url),
+            "scorer": ModelOptions(
+                0.0,
+                job.task.answer_max_tokens,
+                job.scorer_url,
+                top_logprobs=SCORER_TOP_LOGPROBS if job.strategy.needs_logprobs else None,
+            ),
         }
         return cls(specs, options, _prices(args, specs))
 

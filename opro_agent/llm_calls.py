@@ -29,7 +29,15 @@ from opro_agent.cache import ResponseCache
 from opro_agent.pricing import Price
 from opro_agent.tokens import count_message_tokens
 
-__all__ = ["CallPolicy", "CallResult", "Caller", "RateLimits", "RetryPolicy", "output_text"]
+__all__ = [
+    "CallPolicy",
+    "CallResult",
+    "Caller",
+    "RateLimits",
+    "RetryPolicy",
+    "output_logprobs",
+    "output_text",
+]
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,18 @@ class CallResult:
     completion_tokens: int
     latency: float
     cached: bool = False
+    # Per-token log probabilities as OpenAI-compatible chat models return them
+    # (`response_metadata["logprobs"]["content"]`), for models asked for them.
+    logprobs: list[Any] | None = None
+
+
+def output_logprobs(output: Any) -> list[Any] | None:
+    """The per-token log probabilities a chat model returned with its answer, if any."""
+    if not isinstance(output, BaseMessage):
+        return None
+    logprobs = output.response_metadata.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    return content if isinstance(content, list) and content else None
 
 
 def output_text(output: Any) -> str:
@@ -159,7 +179,7 @@ class Caller:
             if hit is not None:
                 if policy.meter is not None:
                     policy.meter.end(self.role, hit[1], hit[2], 0.0, paid=False)
-                return CallResult(hit[0], hit[1], hit[2], 0.0, cached=True)
+                return CallResult(hit[0], hit[1], hit[2], 0.0, cached=True, logprobs=hit[3])
         if policy.meter is not None:
             policy.meter.begin()
         try:
@@ -171,7 +191,10 @@ class Caller:
                 policy.meter.abort()
             raise
         if key is not None and policy.cache is not None:
-            policy.cache.put(key, (result.text, result.prompt_tokens, result.completion_tokens))
+            policy.cache.put(
+                key,
+                (result.text, result.prompt_tokens, result.completion_tokens, result.logprobs),
+            )
         if policy.meter is not None:
             cost = (
                 policy.price.cost(result.prompt_tokens, result.completion_tokens)
@@ -203,4 +226,5 @@ class Caller:
             sum(u.get("input_tokens", 0) for u in tokens),
             sum(u.get("output_tokens", 0) for u in tokens),
             latency,
+            logprobs=output_logprobs(output),
         )

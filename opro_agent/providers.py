@@ -67,6 +67,9 @@ class ModelOptions:
     max_tokens: int | None = None
     base_url: str | None = None
     timeout: float = 120.0
+    # Ask for token log probabilities (OpenAI-compatible models; llama.cpp returns them only
+    # with top_logprobs set), for strategies that rank by the gold answer's log probability.
+    top_logprobs: int | None = None
 
 
 def openai_chat_model(
@@ -84,6 +87,8 @@ def openai_chat_model(
             limit["extra_body"] = {"max_tokens": options.max_tokens}
         else:
             limit["max_tokens"] = options.max_tokens
+    if options.top_logprobs is not None:
+        limit.update(logprobs=True, top_logprobs=options.top_logprobs)
     return ChatOpenAI(
         model=model,
         base_url=base_url,
@@ -165,6 +170,8 @@ class Models:
             "temperature": options.temperature,
             "max_tokens": options.max_tokens,
         }
+        if options.top_logprobs is not None:
+            identity["top_logprobs"] = options.top_logprobs
         if spec.provider == LOCAL:
             # The weights, not the (random) port, decide what the local server answers.
             model_file = self._local_model or find_embedded_model()

@@ -18,6 +18,7 @@ from langchain_core.runnables import RunnableConfig
 from opro_agent.candidates import instruction_key
 from opro_agent.errors import BudgetExceededError, ConfigError, LLMCallsFailingError
 from opro_agent.llm_calls import Caller
+from opro_agent.logprobs import MIN_LOGPROB, gold_logprob, mean_logprob
 from opro_agent.prompts import scorer_prompt
 from opro_agent.store import Evaluation, RunStore
 from opro_agent.task import Example, Task
@@ -52,6 +53,13 @@ class InstructionScore:
         if not self.results:
             return 0.0
         return sum(r.score for r in self.results.values()) / len(self.results)
+
+    @property
+    def mean_logprob(self) -> float | None:
+        """Mean log probability of the gold answers (a failed call counts as the floor);
+        None unless every answer came with log probabilities."""
+        values = [MIN_LOGPROB if r.error else r.logprob for r in self.results.values()]
+        return mean_logprob(values) if values else None
 
 
 class Scorer:
@@ -140,6 +148,9 @@ class Scorer:
                 self._count_failure(result.error or "")
                 return result
         score = self._grade(call.text, example)
+        logprob = None
+        if call.logprobs and example.target.strip():
+            logprob = gold_logprob(call.logprobs, example.target)
         result = Evaluation(
             example.id,
             split,
@@ -149,6 +160,7 @@ class Scorer:
             completion_tokens=call.completion_tokens,
             latency=call.latency,
             cached=call.cached,
+            logprob=logprob,
         )
         self._store.record_evaluation(self._run_id, key, result)
         return result

@@ -346,7 +346,8 @@ class Search:
                 ]
                 break
             keep = racing_survivors(
-                {r.instruction: r.score for r in scored}, self._pool.best_train()
+                {r.instruction: self.strategy.fitness(r) for r in scored},
+                self._pool.best_fitness(),
             )
             survivors: list[Proposal] = []
             for proposal, result in zip(alive, scored, strict=True):
@@ -373,7 +374,14 @@ class Search:
         self, proposal: Proposal, result: InstructionScore, step: int, *, full: bool
     ) -> Candidate:
         candidate = Candidate(
-            proposal.text, step, len(self._pool), proposal.kind, proposal.parent, result, full
+            proposal.text,
+            step,
+            len(self._pool),
+            proposal.kind,
+            proposal.parent,
+            result,
+            full,
+            self.strategy.fitness(result),
         )
         self._pool.add(candidate)
         if full:
@@ -400,7 +408,7 @@ class Search:
                     [c.text for c in finalists], splits.validation, "validation", step=-1
                 )
                 validation = {s.instruction: s.score for s in scored}
-                winner = max(finalists, key=lambda c: (validation[c.text], c.train, -c.order))
+                winner = max(finalists, key=lambda c: (validation[c.text], c.fitness, -c.order))
             # Only now, with the winner fixed, is the test split used.
             if splits.test:
                 scored = await self.scorer.score_many(

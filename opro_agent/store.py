@@ -109,6 +109,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE instructions ADD COLUMN kind TEXT;
     ALTER TABLE instructions ADD COLUMN parent TEXT;
     UPDATE instructions SET kind = CASE origin WHEN 'initial' THEN 'initial' ELSE 'proposal' END;
+    ALTER TABLE evaluations ADD COLUMN logprob REAL;
     """,
 )
 
@@ -143,6 +144,7 @@ class Evaluation:
     completion_tokens: int = 0
     latency: float = 0.0
     cached: bool = False
+    logprob: float | None = None  # the scorer's log probability of the gold answer, if known
 
 
 class RunStore:
@@ -302,7 +304,7 @@ class RunStore:
         self._db.execute(
             "INSERT OR REPLACE INTO evaluations (run_id, instruction_key, split, example_id,"
             " prediction, score, error, prompt_tokens, completion_tokens, latency, created_at,"
-            " cached) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " cached, logprob) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 instruction_key,
@@ -316,6 +318,7 @@ class RunStore:
                 result.latency,
                 time.time(),
                 int(result.cached),
+                result.logprob,
             ),
         )
 
@@ -404,4 +407,5 @@ def _evaluation(row: sqlite3.Row) -> Evaluation:
         completion_tokens=row["completion_tokens"],
         latency=row["latency"],
         cached=bool(row["cached"]),
+        logprob=row["logprob"],
     )

@@ -12,26 +12,40 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import ClassVar, Literal
+
+import structlog
 
 from opro_agent.candidates import normalise_instruction, parse_instruction
 from opro_agent.errors import ConfigError
 from opro_agent.meta_prompt import builtin_template_dir, read_template
 from opro_agent.prompts import Message
+from opro_agent.scorer import InstructionScore
 from opro_agent.strategies.base import Proposal, Rejected, SearchContext, StepCost, Strategy
 from opro_agent.task import Example, Task, TaskSplits
 
 __all__ = ["Ape", "ApeTemplates"]
 
+log = structlog.get_logger()
+
 Mode = Literal["forward", "reverse", "both"]
+Score = Literal["accuracy", "logprob"]
 _TEMPLATE_FIELD = "strategy.templates"
 # What models put before an induced instruction, in forward mode especially.
 _LEAD_RE = re.compile(
     r"^(?:the\s+)?(?:instruction\s+(?:was|is)\s*(?:to)?|instruction\s*:|output\s*:|to)\s*",
     re.IGNORECASE,
 )
+
+
+@cache
+def _warn_no_logprobs() -> None:
+    log.warning(
+        "ape.no_logprobs",
+        reason="the scorer returned no log probabilities; ranking by accuracy instead",
+    )
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,10 @@ class Ape(Strategy):
     resample_top: int = 3
     variations: int = 2
     templates: str = "ape"
+    # What candidates are raced and ranked by: execution accuracy, or (APE's alternative)
+    # the scorer's mean log probability of the gold answers, where the scorer returns log
+    # probabilities. Reported scores and the choice on validation stay accuracy.
+    score: Score = "accuracy"
 
     def __post_init__(self) -> None:
         for name in ("proposals", "demos", "first_stage", "resample_top", "variations"):
@@ -93,11 +111,25 @@ class Ape(Strategy):
                 raise ConfigError("must be at least 1", field=name)
         if self.mode not in ("forward", "reverse", "both"):
             raise ConfigError("must be forward, reverse or both", field="mode")
+        if self.score not in ("accuracy", "logprob"):
+            raise ConfigError("must be accuracy or logprob", field="score")
         self.prompts  # noqa: B018 - a missing or broken template fails here, before a run
 
     @cached_property
     def prompts(self) -> ApeTemplates:
         return ApeTemplates.load(self.templates)
+
+    @property
+    def needs_logprobs(self) -> bool:
+        return self.score == "logprob"
+
+    def fitness(self, scored: InstructionScore) -> float:
+        if self.score == "logprob":
+            logprob = scored.mean_logprob
+            if logprob is not None:
+                return logprob
+            _warn_no_logprobs()
+        return scored.score
 
     def step_cost(self, step: int, splits: TaskSplits) -> StepCost:
         asks = self.proposals if step == 1 else self.resample_top * self.variations

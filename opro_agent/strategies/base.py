@@ -12,6 +12,7 @@ reaches the same result.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Iterator, Mapping, Sequence
@@ -63,6 +64,7 @@ class Candidate:
     parent: str | None
     scored: InstructionScore  # its training results, each with prediction and score
     full: bool  # scored on every training example (not rejected early)
+    fitness: float  # what the strategy ranks by (by default the train accuracy)
 
     @property
     def train(self) -> float:
@@ -88,11 +90,14 @@ class Pool:
         self._by_key[dedupe_key(candidate.text)] = candidate
 
     def ranked(self) -> list[Candidate]:
-        """Fully scored candidates, best train score first (earlier first on ties)."""
-        return sorted((c for c in self if c.full), key=lambda c: (-c.train, c.order))
+        """Fully scored candidates, fittest first (earlier first on ties)."""
+        return sorted((c for c in self if c.full), key=lambda c: (-c.fitness, c.order))
 
     def best_train(self) -> float:
         return max((c.train for c in self if c.full), default=0.0)
+
+    def best_fitness(self) -> float:
+        return max((c.fitness for c in self if c.full), default=-math.inf)
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,16 @@ class Strategy(ABC):
     @abstractmethod
     async def step(self, ctx: SearchContext, step: int) -> None:
         """Propose instructions and have the promising ones scored (`ctx.evaluate`)."""
+
+    @property
+    def needs_logprobs(self) -> bool:
+        """Whether the scorer should return token log probabilities (see `fitness`)."""
+        return False
+
+    def fitness(self, scored: InstructionScore) -> float:
+        """What candidates are ranked and raced by; execution accuracy unless overridden.
+        The reported scores and the choice on validation are always accuracy."""
+        return scored.score
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self)}  # type: ignore[call-overload]
