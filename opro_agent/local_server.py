@@ -18,7 +18,8 @@ What callers must know (measured with llama-cpp-python 0.3.36, langchain-openai 
 * Without ``seed`` each request derives its seed from the previous one, starting from a fixed
   default: outputs differ between requests but depend on request order. Pass ``seed`` per
   request (``llm.bind(seed=i)``) for reproducible sampling.
-* ``logprobs=True`` works; ``usage_metadata`` is filled in; responses report the model file
+* ``logprobs=True`` with ``top_logprobs`` set returns token log probabilities (without
+  ``top_logprobs`` it returns none); ``usage_metadata`` is filled in; responses report the model file
   path as ``model``, not :attr:`LocalServer.model_name`.
 """
 
