@@ -19,8 +19,8 @@ What callers must know (measured with llama-cpp-python 0.3.36, langchain-openai 
   default: outputs differ between requests but depend on request order. Pass ``seed`` per
   request (``llm.bind(seed=i)``) for reproducible sampling.
 * ``logprobs=True`` with ``top_logprobs`` set returns token log probabilities (without
-  ``top_logprobs`` it returns none); ``usage_metadata`` is filled in; responses report the model file
-  path as ``model``, not :attr:`LocalServer.model_name`.
+  ``top_logprobs`` it returns none); ``usage_metadata`` is filled in; responses report the
+  model file path as ``model``, not :attr:`LocalServer.model_name`.
 """
 
 from __future__ import annotations

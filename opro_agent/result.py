@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.prompts import ChatPromptTemplate
 
 from opro_agent.prompts import InstructionPosition, scorer_prompt
+from opro_agent.stats import Interval, PairedTest
 
 __all__ = ["HistoryEntry", "OptimizationResult"]
 
@@ -43,6 +44,13 @@ class OptimizationResult:
     stop_reason: str  # steps | patience | target_score | budget
     instruction_position: InstructionPosition
     input_fields: tuple[str, ...]
+    # 95% intervals of the winner's scores (Wilson for 0/1 scores, bootstrap otherwise)
+    intervals: Mapping[str, Interval | None] = field(default_factory=dict)
+    baseline_intervals: Mapping[str, Interval] = field(default_factory=dict)
+    # The winner against the best initial instruction on the same test examples.
+    test_comparison: PairedTest | None = None
+    kept_initial: bool = False  # the winner is an initial instruction
+    selection_reason: str | None = None  # why the initial instruction was kept, if it was
 
     @property
     def test_gain(self) -> float | None:
@@ -73,4 +81,13 @@ class OptimizationResult:
             "saved_by_early_rejection": self.saved_by_early_rejection,
             "wall_seconds": round(self.wall_seconds, 3),
             "stop_reason": self.stop_reason,
+            "intervals": {
+                split: None if value is None else value.to_dict()
+                for split, value in self.intervals.items()
+            },
+            "baseline_intervals": {k: v.to_dict() for k, v in self.baseline_intervals.items()},
+            "test_comparison": None
+            if self.test_comparison is None
+            else {**self.test_comparison.to_dict(), "verdict": self.test_comparison.verdict()},
+            "selection": {"kept_initial": self.kept_initial, "reason": self.selection_reason},
         }

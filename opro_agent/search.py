@@ -29,6 +29,7 @@ from opro_agent.prompts import Message
 from opro_agent.result import OptimizationResult
 from opro_agent.scorer import InstructionScore, Scorer, gather_all
 from opro_agent.settings import SearchSettings
+from opro_agent.stats import Interval, PairedTest, interval, paired_test
 from opro_agent.store import OptimizerCall, RunStore
 from opro_agent.strategies.base import Candidate, Pool, Proposal, Rejected, Strategy
 from opro_agent.task import Example, Task, TaskSplits
@@ -48,8 +49,32 @@ def racing_survivors(scores: Mapping[str, float], incumbent: float) -> set[str]:
 
 
 def final_calls(settings: SearchSettings, splits: TaskSplits, initial: int) -> int:
-    """Calls to pick the winner on validation and score it and the `initial` ones on test."""
-    return settings.validate_top * len(splits.validation) + (1 + initial) * len(splits.test)
+    """Calls to pick the winner on validation (the finalists, and the `initial` instructions
+    too with the guard) and to score it and the initial ones on test."""
+    validated = settings.validate_top + (initial if settings.keep_initial_unless_better else 0)
+    return validated * len(splits.validation) + (1 + initial) * len(splits.test)
+
+
+def _mean(scored: InstructionScore | None) -> float | None:
+    return None if scored is None else scored.score
+
+
+def _scores(scored: InstructionScore) -> list[float]:
+    return [r.score for r in scored.results.values()]
+
+
+def _interval(scored: InstructionScore | None) -> Interval | None:
+    return interval(_scores(scored)) if scored is not None and scored.results else None
+
+
+def _paired(
+    winner: InstructionScore | None, baseline: InstructionScore | None
+) -> PairedTest | None:
+    """The winner against the best initial instruction on the same test examples."""
+    if winner is None or baseline is None or not winner.results:
+        return None
+    by_id = {example_id: r.score for example_id, r in winner.results.items()}
+    return paired_test(by_id, {example_id: r.score for example_id, r in baseline.results.items()})
 
 
 class Search:
@@ -399,25 +424,59 @@ class Search:
     async def _finish(self, stop_reason: str) -> OptimizationResult:
         splits = self._splits
         finalists = self._pool.ranked()[: self._settings.validate_top]
-        validation: dict[str, float] = {}
-        test: dict[str, float] = {}
-        winner = finalists[0]
+        initial = [c for c in self._pool if c.kind == "initial" and c.full]
+        guard = self._settings.keep_initial_unless_better and bool(initial)
+        # With the guard, the initial instructions are validated beside the finalists.
+        contenders = list(
+            {c.text: c for c in (finalists + initial if guard else finalists)}.values()
+        )
+        validation: dict[str, InstructionScore] = {}
+        test: dict[str, InstructionScore] = {}
+        winner, reason = finalists[0], None
         try:
             if splits.validation:
                 scored = await self.scorer.score_many(
-                    [c.text for c in finalists], splits.validation, "validation", step=-1
+                    [c.text for c in contenders], splits.validation, "validation", step=-1
                 )
-                validation = {s.instruction: s.score for s in scored}
-                winner = max(finalists, key=lambda c: (validation[c.text], c.fitness, -c.order))
+                validation = {s.instruction: s for s in scored}
+
+                def on_validation(c: Candidate) -> tuple[float, float, int]:
+                    return (validation[c.text].score, c.fitness, -c.order)
+
+                winner = max(finalists, key=on_validation)
+                new = [c for c in finalists if c.kind != "initial"]
+                if guard:
+                    best_initial = max(initial, key=on_validation)
+                    best_new = max(new, key=on_validation) if new else None
+                    if (
+                        best_new is None
+                        or on_validation(best_new)[0] <= on_validation(best_initial)[0]
+                    ):
+                        winner = best_initial
+                        reason = (
+                            "no new instruction beat the best initial instruction on validation"
+                            + (
+                                f" ({validation[best_new.text].score:.3f} against "
+                                f"{validation[best_initial.text].score:.3f})"
+                                if best_new is not None
+                                else ""
+                            )
+                        )
+                    else:
+                        winner = best_new
             # Only now, with the winner fixed, is the test split used.
             if splits.test:
                 scored = await self.scorer.score_many(
                     list(dict.fromkeys([winner.text, *self._initial])), splits.test, "test", step=-1
                 )
-                test = {s.instruction: s.score for s in scored}
+                test = {s.instruction: s for s in scored}
         except BudgetExceededError as exc:
             log.warning("budget.spent", reason=str(exc), phase="final evaluation")
             stop_reason = "budget"
+        if reason is not None:
+            log.warning("run.kept_initial", reason=reason, instruction=winner.text)
+        baselines = {text: test[text] for text in self._initial if text in test}
+        best_baseline = max(baselines.values(), key=lambda s: s.score, default=None)
         usage = self.store.usage(self.run_id)
         result = OptimizationResult(
             run_id=self.run_id,
@@ -426,10 +485,21 @@ class Search:
             best_instruction=winner.text,
             scores={
                 "train": winner.train,
-                "validation": validation.get(winner.text),
-                "test": test.get(winner.text),
+                "validation": _mean(validation.get(winner.text)),
+                "test": _mean(test.get(winner.text)),
             },
-            baselines={text: test[text] for text in self._initial if text in test},
+            baselines={text: scored.score for text, scored in baselines.items()},
+            intervals={
+                "train": _interval(winner.scored),
+                "validation": _interval(validation.get(winner.text)),
+                "test": _interval(test.get(winner.text)),
+            },
+            baseline_intervals={
+                text: interval(_scores(s)) for text, s in baselines.items() if s.results
+            },
+            test_comparison=_paired(test.get(winner.text), best_baseline),
+            kept_initial=winner.kind == "initial",
+            selection_reason=reason,
             history=tuple(self.store.history(self.run_id)),
             calls={"optimizer": usage["optimizer_calls"], "scorer": usage["scorer_calls"]},
             tokens={"prompt": usage["prompt_tokens"], "completion": usage["completion_tokens"]},

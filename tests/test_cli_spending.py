@@ -88,7 +88,7 @@ def test_dry_run_projects_calls_and_tokens_without_starting_anything(
     optimizer_calls = steps * candidates
     scorer_calls = (
         (n_initial + steps * candidates) * train
-        + validate_top * validation
+        + (validate_top + n_initial) * validation  # the initial ones too: do no harm
         + (1 + n_initial) * test
     )
     calls = re.search(r"calls:\s+optimizer (\d+), scorer (\d+)", out)
@@ -115,7 +115,7 @@ def test_dry_run_json_is_one_object(
     assert len(out.strip().splitlines()) == 1
     figures = json.loads(out)
     assert figures["task"] == "even_numbers"
-    assert figures["calls"] == {"optimizer": 12, "scorer": 13 * 20 + 3 * 10 + 2 * 30}
+    assert figures["calls"] == {"optimizer": 12, "scorer": 13 * 20 + 4 * 10 + 2 * 30}
     assert figures["tokens"]["prompt"] > 0
     assert figures["tokens"]["completion"] == figures["calls"]["scorer"] * 64 + 12 * 200
     assert figures["cost"] == 0.0

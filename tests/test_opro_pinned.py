@@ -3,6 +3,8 @@ history, scores and call counts as before the search was split into search and s
 
 `tests/golden/opro_pinned.json` was written by the code before that refactor; regenerate it
 only for a change that is meant to alter OPRO's results (OPRO_PIN_WRITE=1 pytest this file).
+It was regenerated once since, when the initial instruction came to be validated beside the
+finalists ("do no harm"): its validation score and those 10 calls are all that changed.
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ def test_the_cache_key_includes_per_call_arguments() -> None:
 
 
 # fast_settings: initial scoring 20 calls; a step at most 4 + 4 * 20 = 84; the final
-# evaluation at most 3 * 10 + 2 * 30 = 90. A step starts only if it and the final fit.
+# evaluation at most (3 + 1) * 10 + 2 * 30 = 100. A step starts only if it and the final fit.
 @pytest.mark.parametrize(
     ("max_calls", "best"),
     [(150, INITIAL), (250, WINNER)],  # 250: steps 1 and 2 fit, step 3 does not
@@ -668,8 +668,8 @@ def test_the_observer_hears_every_call_step_and_plan(
 
         assert [s for s, _ in recorder.steps] == [0, 1, 2, 3]
         assert [b for _, b in recorder.steps] == [0.0, 0.5, 1.0, 1.0]
-        # (1 initial + 3 steps * 4) * 20 train + 3 * 10 validation + 2 * 30 test + 12 proposals
-        assert recorder.plans[0] == 13 * TRAIN + 3 * VALIDATION + 2 * TEST + 12
+        # (1 initial + 3 steps * 4) * 20 train + 4 * 10 validation + 2 * 30 test + 12 proposals
+        assert recorder.plans[0] == 13 * TRAIN + 4 * VALIDATION + 2 * TEST + 12
         assert all(p > 0 for p in recorder.plans)
 
     (_, first), (_, second) = runs
