@@ -39,6 +39,7 @@ from opro_agent.providers import (
 )
 from opro_agent.result import OptimizationResult
 from opro_agent.settings import RunResources, SearchSettings
+from opro_agent.stats import Interval
 from opro_agent.store import DB_FILENAME, RunStore
 from opro_agent.strategies import Strategy, make_strategy
 from opro_agent.strategies.registry import split_run_config
@@ -207,6 +208,11 @@ def _add_search_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-score", type=_fraction, help="stop at this train accuracy")
     parser.add_argument("--seed", type=int, help="seed of the search (default 0)")
     parser.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="pick the best finalist on validation even if an initial instruction does better",
+    )
+    parser.add_argument(
         "--max-calls", type=_positive_int, help="stop cleanly after this many calls (per run)"
     )
     parser.add_argument("--max-tokens", type=_positive_int, help="... after this many tokens")
@@ -309,6 +315,7 @@ def _search_settings(args: argparse.Namespace, config: _RunConfig) -> SearchSett
         "target_score": args.target_score,
         "seed": args.seed,
         "concurrency": args.concurrency,
+        "keep_initial_unless_better": False if args.no_guard else None,
     }
     values = {**config.settings, **{k: v for k, v in flags.items() if v is not None}}
     try:
@@ -638,17 +645,31 @@ def _print_result(result: OptimizationResult, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result.summary(), ensure_ascii=False))
         return
-    scores = "  ".join(f"{name} {_fmt(value)}" for name, value in result.scores.items())
+    scores = "  ".join(
+        f"{name} {_with_interval(value, result.intervals.get(name))}"
+        for name, value in result.scores.items()
+    )
     print(
         f"Best instruction (run {result.run_id}, {result.strategy}, "
         f"stopped on {result.stop_reason}):"
     )
     print(f"  {result.best_instruction!r}")
-    print(f"Scores: {scores}")
+    if result.selection_reason:
+        kept = "kept the initial instruction" if result.kept_initial else "note"
+        print(f"  ({kept}: {result.selection_reason})")
+    print(f"Scores (95% intervals): {scores}")
     for text, score in result.baselines.items():
-        print(f"Baseline {text!r}: test {_fmt(score)}")
-    if result.test_gain is not None:
-        print(f"Held-out gain over the best initial instruction: {result.test_gain:+.3f}")
+        print(
+            f"Baseline {text!r}: test {_with_interval(score, result.baseline_intervals.get(text))}"
+        )
+    comparison = result.test_comparison
+    if result.test_gain is not None and comparison is not None:
+        print(
+            f"Held-out gain over the best initial instruction: {result.test_gain:+.3f} "
+            f"(95% CI {comparison.low:+.3f} to {comparison.high:+.3f}, {comparison.method}; "
+            f"fixed {len(comparison.fixed)}, broke {len(comparison.broken)} test questions): "
+            f"{comparison.verdict()}"
+        )
     cost = "" if result.cost is None else f"; ${result.cost:.4f}"
     print(
         f"Calls: optimizer {result.calls['optimizer']}, scorer {result.calls['scorer']} "
@@ -656,6 +677,12 @@ def _print_result(result: OptimizationResult, *, as_json: bool) -> None:
         f"early rejection); tokens: {result.tokens['prompt']} prompt, "
         f"{result.tokens['completion']} completion{cost}; {result.wall_seconds:.1f} s"
     )
+
+
+def _with_interval(value: float | None, interval: Interval | None) -> str:
+    if value is None or interval is None:
+        return _fmt(value)
+    return f"{value:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
 
 
 def _fmt(value: float | None) -> str:

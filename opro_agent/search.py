@@ -49,9 +49,9 @@ def racing_survivors(scores: Mapping[str, float], incumbent: float) -> set[str]:
 
 
 def final_calls(settings: SearchSettings, splits: TaskSplits, initial: int) -> int:
-    """Calls to pick the winner on validation (the finalists, and the `initial` instructions
-    too with the guard) and to score it and the initial ones on test."""
-    validated = settings.validate_top + (initial if settings.keep_initial_unless_better else 0)
+    """Calls to pick the winner on validation (the finalists and the `initial` instructions)
+    and to score it and the initial ones on test."""
+    validated = settings.validate_top + initial
     return validated * len(splits.validation) + (1 + initial) * len(splits.test)
 
 
@@ -421,15 +421,42 @@ class Search:
 
     # -- the final protocol ---------------------------------------------------------------------
 
+    def _select(
+        self,
+        finalists: list[Candidate],
+        initial: list[Candidate],
+        validation: Mapping[str, InstructionScore],
+    ) -> tuple[Candidate, str | None]:
+        """The winner on validation, and why it is not a new instruction beating the best
+        initial one there, when it is not."""
+
+        def rank(c: Candidate) -> tuple[float, float, int]:
+            return (validation[c.text].score, c.fitness, -c.order)
+
+        new = [c for c in finalists if c.kind != "initial"]
+        if not initial:
+            return max(finalists, key=rank), None
+        best_initial = max(initial, key=rank)
+        if not new:
+            return best_initial, "no new instruction was scored on the whole train split"
+        best_new = max(new, key=rank)
+        new_score, initial_score = (validation[c.text].score for c in (best_new, best_initial))
+        if new_score > initial_score:
+            return best_new, None
+        versus = f"{new_score:.3f} against {initial_score:.3f} on validation"
+        if self._settings.keep_initial_unless_better:
+            return best_initial, f"no new instruction beat the best initial one ({versus})"
+        winner = max(finalists, key=rank)
+        if winner.kind == "initial":
+            return winner, f"the best finalist on validation is an initial instruction ({versus})"
+        return winner, f"the winner did not beat the best initial instruction ({versus})"
+
     async def _finish(self, stop_reason: str) -> OptimizationResult:
         splits = self._splits
         finalists = self._pool.ranked()[: self._settings.validate_top]
         initial = [c for c in self._pool if c.kind == "initial" and c.full]
-        guard = self._settings.keep_initial_unless_better and bool(initial)
-        # With the guard, the initial instructions are validated beside the finalists.
-        contenders = list(
-            {c.text: c for c in (finalists + initial if guard else finalists)}.values()
-        )
+        # The initial instructions are validated beside the finalists (do no harm).
+        contenders = list({c.text: c for c in finalists + initial}.values())
         validation: dict[str, InstructionScore] = {}
         test: dict[str, InstructionScore] = {}
         winner, reason = finalists[0], None
@@ -439,31 +466,7 @@ class Search:
                     [c.text for c in contenders], splits.validation, "validation", step=-1
                 )
                 validation = {s.instruction: s for s in scored}
-
-                def on_validation(c: Candidate) -> tuple[float, float, int]:
-                    return (validation[c.text].score, c.fitness, -c.order)
-
-                winner = max(finalists, key=on_validation)
-                new = [c for c in finalists if c.kind != "initial"]
-                if guard:
-                    best_initial = max(initial, key=on_validation)
-                    best_new = max(new, key=on_validation) if new else None
-                    if (
-                        best_new is None
-                        or on_validation(best_new)[0] <= on_validation(best_initial)[0]
-                    ):
-                        winner = best_initial
-                        reason = (
-                            "no new instruction beat the best initial instruction on validation"
-                            + (
-                                f" ({validation[best_new.text].score:.3f} against "
-                                f"{validation[best_initial.text].score:.3f})"
-                                if best_new is not None
-                                else ""
-                            )
-                        )
-                    else:
-                        winner = best_new
+                winner, reason = self._select(finalists, initial, validation)
             # Only now, with the winner fixed, is the test split used.
             if splits.test:
                 scored = await self.scorer.score_many(
@@ -474,7 +477,7 @@ class Search:
             log.warning("budget.spent", reason=str(exc), phase="final evaluation")
             stop_reason = "budget"
         if reason is not None:
-            log.warning("run.kept_initial", reason=reason, instruction=winner.text)
+            log.warning("run.selection", reason=reason, instruction=winner.text)
         baselines = {text: test[text] for text in self._initial if text in test}
         best_baseline = max(baselines.values(), key=lambda s: s.score, default=None)
         usage = self.store.usage(self.run_id)

@@ -30,8 +30,8 @@ class SearchSettings:
     patience: int | None = None  # stop after this many steps without a better train score
     target_score: float | None = None  # stop once the best train score reaches this
     validate_top: int = 3  # best-on-train instructions compared on validation
-    # Do no harm: the initial instructions are validated beside the finalists, and a new
-    # instruction wins only if it beats the best of them on validation.
+    # Do no harm: a new instruction wins only if it beats the best initial instruction on
+    # validation (where the initial ones are always scored beside the finalists).
     keep_initial_unless_better: bool = True
     max_instruction_chars: int = 500  # longer candidates are skipped (as OPRO does)
     concurrency: int = 8
