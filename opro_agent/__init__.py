@@ -24,7 +24,15 @@ from opro_agent.result import HistoryEntry, OptimizationResult
 from opro_agent.scorer import InstructionScore
 from opro_agent.settings import RunResources, SearchSettings
 from opro_agent.store import RunStore
-from opro_agent.strategies import Ape, Opro, Strategy, make_strategy, strategy_types
+from opro_agent.strategies import (
+    Ape,
+    Opro,
+    Pe2,
+    ProTeGi,
+    Strategy,
+    make_strategy,
+    strategy_types,
+)
 from opro_agent.task import Example, SplitSpec, Task, TaskSplits
 
 __all__ = [
@@ -45,8 +53,10 @@ __all__ = [
     "OproError",
     "OproOptimizer",
     "OptimizationResult",
+    "Pe2",
     "Price",
     "PriceTable",
+    "ProTeGi",
     "RateLimits",
     "ResponseCache",
     "RetryPolicy",

@@ -240,6 +240,31 @@ class Search:
         scored = [scoring[p.text].result() for p in accepted]
         return await self._race(accepted, scored, step, size)
 
+    def screen(
+        self, outcomes: Sequence[Proposal | Rejected | None], *, step: int
+    ) -> list[Proposal]:
+        kept: list[Proposal] = []
+        keys: set[str] = set()
+        for idx, outcome in enumerate(outcomes):
+            if outcome is None:
+                continue
+            if isinstance(outcome, Rejected):
+                self._skip(step, idx, outcome.reason, outcome.output)
+                continue
+            key = dedupe_key(outcome.text)
+            reason = self._reject(outcome.text) or ("duplicate" if key in keys else None)
+            if reason is not None:
+                self._skip(step, idx, reason, outcome.text)
+                continue
+            keys.add(key)
+            kept.append(outcome)
+        return kept
+
+    def add_partial(self, proposal: Proposal, scored: InstructionScore, *, step: int) -> Candidate:
+        self._record_instruction(proposal, step)
+        self.saved_calls += len(self._splits.train) - len(scored.results)
+        return self._add(proposal, scored, step, full=False)
+
     # -- the run --------------------------------------------------------------------------------
 
     async def run(self) -> OptimizationResult:

@@ -16,24 +16,26 @@ import pytest
 
 from opro_agent import OproOptimizer, RunStore, SearchSettings, SplitSpec, Task, make_strategy
 from opro_agent.store import DB_FILENAME
-from tests.conftest import FACTS, optimizer_reply, scorer_reply
+from tests.conftest import FACTS, scorer_reply
 from tests.fakes import ScriptedChatModel
-from tests.test_strategies import ape_reply
+from tests.test_error_driven import any_reply
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES: dict[str, dict[str, Any]] = {
     "opro": {"name": "opro", "candidates_per_step": 4, "early_rejection": True},
     "ape": {"name": "ape", "proposals": 4, "demos": 3, "resample_top": 2, "variations": 2},
+    "protegi": {"name": "protegi", "beam": 2, "gradients": 2, "bandit_pulls": 2},
+    "pe2": {"name": "pe2", "candidates_per_step": 3, "step_size": 10},
 }
 SETTINGS = SearchSettings(steps=3, concurrency=4)
 # The child process: the same run, its scorer slowed down so it can be killed mid-run.
 CHILD = """
 import sys, time
 from opro_agent import OproOptimizer, RunStore, make_strategy
-from tests.conftest import optimizer_reply, scorer_reply
+from tests.conftest import scorer_reply
 from tests.fakes import ScriptedChatModel
+from tests.test_error_driven import any_reply
 from tests.test_kill_resume import SETTINGS, STRATEGIES, task
-from tests.test_strategies import ape_reply
 
 def slow(messages, metadata):
     time.sleep(0.01)
@@ -41,7 +43,7 @@ def slow(messages, metadata):
 
 name = sys.argv[2]
 optimizer = OproOptimizer(
-    ScriptedChatModel(respond=ape_reply if name == "ape" else optimizer_reply),
+    ScriptedChatModel(respond=any_reply),
     ScriptedChatModel(respond=slow),
     strategy=make_strategy(STRATEGIES[name]),
     settings=SETTINGS,
@@ -64,10 +66,9 @@ def task() -> Task:
 
 
 def _run(name: str, store: RunStore, run_id: str | None = None) -> tuple[Any, ScriptedChatModel]:
-    responder: Any = ape_reply if name == "ape" else optimizer_reply
     scorer = ScriptedChatModel(respond=scorer_reply)
     result = OproOptimizer(
-        ScriptedChatModel(respond=responder),
+        ScriptedChatModel(respond=any_reply),
         scorer,
         strategy=make_strategy(STRATEGIES[name]),
         settings=SETTINGS,

@@ -134,7 +134,7 @@ def test_ape_reruns_identically(yes_no_task: Task) -> None:
 
 
 def test_strategies_are_chosen_by_name_with_settings() -> None:
-    assert set(strategy_types()) >= {"opro", "ape"}
+    assert set(strategy_types()) >= {"opro", "ape", "protegi", "pe2"}
     ape = make_strategy({"name": "ape", "mode": "reverse", "proposals": 3})
     assert isinstance(ape, Ape) and ape.mode == "reverse" and ape.proposals == 3
     assert make_strategy(ape, {"variations": 5}) == Ape(mode="reverse", proposals=3, variations=5)
@@ -201,7 +201,7 @@ def test_a_strategy_plugin_is_found_through_its_entry_point(
         "entry_points",
         lambda group: plugins if group == "opro_agent.strategies" else [],
     )
-    assert set(strategy_types()) == {"opro", "ape", "constant"}
+    assert set(strategy_types()) == {"opro", "ape", "protegi", "pe2", "constant"}
     result = OproOptimizer(
         ScriptedChatModel(respond=optimizer_reply),
         ScriptedChatModel(respond=scorer_reply),

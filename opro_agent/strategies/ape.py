@@ -10,20 +10,18 @@ their meaning, raced the same way; the pool keeps the best.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import cache, cached_property
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import structlog
 
-from opro_agent.candidates import normalise_instruction, parse_instruction
 from opro_agent.errors import ConfigError
-from opro_agent.meta_prompt import builtin_template_dir, read_template
 from opro_agent.prompts import Message
 from opro_agent.scorer import InstructionScore
 from opro_agent.strategies.base import Proposal, Rejected, SearchContext, StepCost, Strategy
+from opro_agent.strategies.replies import parse_reply
+from opro_agent.strategies.templates import load_templates
 from opro_agent.task import Example, Task, TaskSplits
 
 __all__ = ["Ape", "ApeTemplates"]
@@ -33,11 +31,6 @@ log = structlog.get_logger()
 Mode = Literal["forward", "reverse", "both"]
 Score = Literal["accuracy", "logprob"]
 _TEMPLATE_FIELD = "strategy.templates"
-# What models put before an induced instruction, in forward mode especially.
-_LEAD_RE = re.compile(
-    r"^(?:the\s+)?(?:instruction\s+(?:was|is)\s*(?:to)?|instruction\s*:|output\s*:|to)\s*",
-    re.IGNORECASE,
-)
 
 
 @cache
@@ -60,25 +53,19 @@ class ApeTemplates:
 
     @classmethod
     def load(cls, name_or_path: str) -> ApeTemplates:
-        folder = Path(name_or_path)
-        if not folder.is_dir():
-            folder = builtin_template_dir() / name_or_path
-        if not folder.is_dir():
-            raise ConfigError(f"no template folder {name_or_path!r}", field=_TEMPLATE_FIELD)
-        texts = {
-            name: read_template(folder, f"{name}.txt", required=True, field=_TEMPLATE_FIELD) or ""
-            for name in ("forward", "reverse", "demo", "resample", "tag")
-        }
-        templates = cls(**{**texts, "tag": texts["tag"].strip()})
-        try:  # fail now, not mid-run
-            templates.induce("forward", [("q", "a")])
-            templates.induce("reverse", [("q", "a")])
-            templates.resample.format(instruction="x")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(
-                f"bad placeholder in template: {exc}", source=str(folder), field=_TEMPLATE_FIELD
-            ) from None
-        return templates
+        return cls(
+            **load_templates(
+                name_or_path,
+                ("forward", "reverse", "demo", "resample", "tag"),
+                field=_TEMPLATE_FIELD,
+                samples={
+                    "forward": {"demos": ""},
+                    "reverse": {"demos": ""},
+                    "demo": {"input": "q", "output": "a"},
+                    "resample": {"instruction": "x"},
+                },
+            )
+        )
 
     def induce(self, mode: str, demos: list[tuple[str, str]]) -> list[Message]:
         text = "".join(self.demo.format(input=q, output=a) for q, a in demos)
@@ -167,7 +154,7 @@ class Ape(Strategy):
         output = await ctx.ask(self.prompts.induce(kind, demos), step=step, kind=kind, idx=idx)
         if output is None:
             return None
-        return self._parse(output, kind, [q for q, _ in demos])
+        return parse_reply(output, self.prompts.tag, kind=kind, questions=[q for q, _ in demos])
 
     async def _resample(
         self, ctx: SearchContext, step: int, parent: str, idx: int
@@ -178,17 +165,4 @@ class Ape(Strategy):
         output = await ctx.ask(messages, step=step, kind="resample", idx=idx)
         if output is None:
             return None
-        return self._parse(output, "resample", [], parent=parent)
-
-    def _parse(
-        self, output: str, kind: str, questions: list[str], parent: str | None = None
-    ) -> Proposal | Rejected:
-        text = parse_instruction(output, self.prompts.tag)
-        if text is None:  # no tags: the first paragraph, without a lead-in
-            paragraph = next((p for p in re.split(r"\n\s*\n", output.strip()) if p.strip()), "")
-            text = normalise_instruction(_LEAD_RE.sub("", normalise_instruction(paragraph)))
-        if not text:
-            return Rejected("unparseable", output)
-        if any(q.strip() and q.strip() in text for q in questions):
-            return Rejected("echoes_exemplar", output)
-        return Proposal(text[0].upper() + text[1:], kind, parent)
+        return parse_reply(output, self.prompts.tag, kind="resample", parent=parent)

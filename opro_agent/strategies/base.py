@@ -159,6 +159,16 @@ class SearchContext(Protocol):
         otherwise each is scored on the whole split. Returns the new pool entries.
         """
 
+    def screen(
+        self, outcomes: Sequence[Proposal | Rejected | None], *, step: int
+    ) -> list[Proposal]:
+        """The usable proposals, in order: rejected, too long and duplicate ones (of the
+        pool or of an earlier proposal) are skipped and logged. Nothing is scored."""
+
+    def add_partial(self, proposal: Proposal, scored: InstructionScore, *, step: int) -> Candidate:
+        """Add a proposal scored on only some training examples (`score`) to the pool, as
+        not fully scored (it cannot win); the calls not made count as saved."""
+
 
 class Strategy(ABC):
     """A search strategy. Subclasses are frozen dataclasses; their fields are settings."""

@@ -15,6 +15,8 @@ from opro_agent.errors import ConfigError
 from opro_agent.strategies.ape import Ape
 from opro_agent.strategies.base import Strategy
 from opro_agent.strategies.opro import Opro
+from opro_agent.strategies.pe2 import Pe2
+from opro_agent.strategies.protegi import ProTeGi
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -33,7 +35,7 @@ log = structlog.get_logger()
 
 def strategy_types() -> dict[str, type[Strategy]]:
     """Every strategy that can be chosen by name; a broken plugin is skipped with a warning."""
-    found: dict[str, type[Strategy]] = {Opro.name: Opro, Ape.name: Ape}
+    found: dict[str, type[Strategy]] = {cls.name: cls for cls in (Opro, Ape, ProTeGi, Pe2)}
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         try:
             loaded = entry.load()
