@@ -294,7 +294,10 @@ class Search:
             replayed = self.store.has_optimizer_calls(self.run_id, step)
             needed = self.strategy.step_cost(step, self._splits).total + self._final_calls()
             if not replayed and not self.meter.affordable(needed):
-                log.warning("budget.stop", step=step, spent=self.meter.spent.calls)
+                # `needed` is the worst case: every proposal scored on the whole split.
+                log.warning(
+                    "budget.stop", step=step, spent=self.meter.spent.calls, step_needs=needed
+                )
                 return "budget"
             before = len(self._pool)
             self._asked, self._ask_errors = 0, []

@@ -11,7 +11,9 @@ import structlog
 from langchain_core.messages import BaseMessage
 
 from opro_agent import OproOptimizer, Pe2, ProTeGi, RunStore, SearchSettings, Task
+from opro_agent.strategies import Proposal, Rejected
 from opro_agent.strategies.pe2 import words_changed
+from opro_agent.strategies.replies import parse_reply
 from tests.conftest import optimizer_reply, scorer_reply
 from tests.fakes import ScriptedChatModel
 from tests.test_strategies import ape_reply
@@ -146,3 +148,26 @@ def test_words_changed() -> None:
     assert words_changed("Answer the question.", "Answer this question.") == 1
     assert words_changed("a b c", "a b c d e") == 2
     assert words_changed("a b c d", "x") == 4
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("Here is the improved instruction:\nAnswer yes or no.", "Answer yes or no."),
+        ("Here's a new prompt: reply briefly.", "Reply briefly."),
+        ("The instruction was to add the numbers", "Add the numbers"),
+        ("Sure!\n<INS>Say yes or no.</INS>", "Say yes or no."),
+        ("New instruction: be terse.\n\nThis helps because...", "Be terse."),
+    ],
+)
+def test_replies_are_read_tolerantly(reply: str, expected: str) -> None:
+    parsed = parse_reply(reply, "INS", kind="edit")
+    assert isinstance(parsed, Proposal) and parsed.text == expected
+
+
+def test_an_empty_or_copying_reply_is_rejected() -> None:
+    assert parse_reply("   ", "INS", kind="edit") == Rejected("unparseable", "   ")
+    copied = parse_reply(
+        "<INS>Is 4 an even number?</INS>", "INS", kind="edit", questions=["Is 4 an even number?"]
+    )
+    assert isinstance(copied, Rejected) and copied.reason == "echoes_exemplar"

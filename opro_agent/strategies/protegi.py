@@ -87,8 +87,13 @@ class ProTeGi(Strategy):
 
     def step_cost(self, step: int, splits: TaskSplits) -> StepCost:
         per_gradient = 2 + self.paraphrases  # gradient, edit, paraphrases
-        successors = self.beam * self.gradients * (1 + self.paraphrases)
-        return StepCost(self.beam * self.gradients * per_gradient, successors * len(splits.train))
+        arms = self.beam * self.gradients * (1 + self.paraphrases)
+        train = len(splits.train)
+        # The bandit's pulls, then the chosen beam on the whole split (the minibatch of
+        # errors comes from the store: the beam is fully scored already).
+        phases = self.bandit_pulls if self.bandit == "ucb" else arms - self.beam + 1
+        bandit = arms * max(phases, 1) * self.bandit_batch + self.beam * train
+        return StepCost(self.beam * self.gradients * per_gradient, min(arms * train, bandit))
 
     def sample_prompt(self, task: Task) -> list[Message]:
         train = task.splits().train[: self.errors_per_gradient]
