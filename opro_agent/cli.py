@@ -151,6 +151,14 @@ def _build_parser() -> _Parser:
     cmp.add_argument(
         "--seeds", type=_seeds, default=(0,), metavar="0,1,2", help="one run per seed (0)"
     )
+    cmp.add_argument(
+        "-S",
+        "--strategy-setting",
+        action="append",
+        default=[],
+        metavar="STRATEGY.KEY=VALUE",
+        help="a setting of one strategy, e.g. -S protegi.beam=2 (repeatable)",
+    )
     _add_model_flags(cmp, roles=("optimizer", "scorer"))
     _add_search_flags(cmp)
     cmp.add_argument("--json", action="store_true", help="end stdout with a JSON object")
@@ -355,13 +363,20 @@ def _strategy_from_flags(args: argparse.Namespace, task: Task, config: _RunConfi
             strategy = make_strategy(
                 strategy, {setting: value}, field="--" + flag.replace("_", "-")
             )
-    for pair in args.strategy_setting:
+    for key, value in _setting_pairs(args.strategy_setting):
+        strategy = make_strategy(strategy, {key: value}, field="--strategy-setting")
+    return strategy
+
+
+def _setting_pairs(pairs: Sequence[str]) -> list[tuple[str, Any]]:
+    """`-S KEY=VALUE` pairs; values are read as YAML (numbers, booleans, strings)."""
+    parsed = []
+    for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"expected KEY=VALUE, got {pair!r}", field="--strategy-setting")
-        value = yaml.safe_load(text) if text.strip() else ""
-        strategy = make_strategy(strategy, {key.strip(): value}, field="--strategy-setting")
-    return strategy
+        parsed.append((key.strip(), yaml.safe_load(text) if text.strip() else ""))
+    return parsed
 
 
 def _job_from_flags(args: argparse.Namespace) -> _OptimizeJob:
@@ -492,8 +507,20 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     task = Task.from_yaml(args.task)
     config = _run_config(args.config)
-    # Unknown names are found before any model server starts.
+    # Unknown names and settings are found before any model server starts.
     strategies = [_strategy(name, task, config, field="--strategies") for name in args.strategies]
+    for dotted, value in _setting_pairs(args.strategy_setting):
+        name, dot, key = dotted.partition(".")
+        if not dot or name not in args.strategies:
+            raise ConfigError(
+                f"expected STRATEGY.KEY=VALUE for one of {', '.join(args.strategies)}, "
+                f"got {dotted!r}",
+                field="--strategy-setting",
+            )
+        strategies = [
+            make_strategy(s, {key: value}, field="--strategy-setting") if s.name == name else s
+            for s in strategies
+        ]
     settings = _search_settings(args, config)
     jobs = {
         strategy.name: [

@@ -12,6 +12,7 @@ from opro_agent import cli
 from opro_agent.providers import Models
 from opro_agent.store import RunStore
 from tests.fakes import ScriptedChatModel
+from tests.test_error_driven import any_reply
 from tests.test_strategies import ape_reply
 
 
@@ -109,6 +110,35 @@ def test_strategy_from_the_task_file_and_a_run_config(
     assert (run.config["settings"]["steps"], run.config["settings"]["seed"]) == (1, 3)
 
 
+def test_compare_takes_settings_per_strategy(
+    task_file: Path,
+    tmp_path: Path,
+    fake_models: dict[str, list[ScriptedChatModel]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    original = Models.chat_model
+
+    def chat_model(self: Models, spec: Any, options: Any, *, flag: str) -> Any:
+        model = original(self, spec, options, flag=flag)
+        if flag == "--optimizer":
+            model.respond = any_reply
+        return model
+
+    monkeypatch.setattr(Models, "chat_model", chat_model)
+    argv = ["compare", str(task_file), "--strategies", "protegi,pe2", "--steps", "1"]
+    argv += ["-S", "protegi.beam=1", "-S", "protegi.gradients=1", "-S", "pe2.step_size=5"]
+    code, out, _ = _run(capsys, *argv, "--run-dir", str(tmp_path), "--json")
+    assert code == 0
+    report = json.loads(out.strip().splitlines()[-1])
+    store = RunStore.open(tmp_path)
+    configs = {
+        s["strategy"]: store.get_run(s["runs"][0]).config["strategy"] for s in report["strategies"]
+    }
+    assert (configs["protegi"]["beam"], configs["protegi"]["gradients"]) == (1, 1)
+    assert configs["pe2"]["step_size"] == 5
+
+
 def test_compare_runs_every_strategy_and_seed(
     task_file: Path,
     tmp_path: Path,
@@ -168,6 +198,14 @@ def test_compare_runs_every_strategy_and_seed(
         ),
         (["optimize", "{task}", "--strategy", "ape", "-S", "speed=3"], "has no setting 'speed'"),
         (["optimize", "{task}", "--config", "{config}"], "run.yaml: stepz: unknown setting"),
+        (
+            ["compare", "{task}", "--strategies", "opro,ape", "-S", "pe2.step_size=3"],
+            "--strategy-setting: expected STRATEGY.KEY=VALUE for one of opro, ape",
+        ),
+        (
+            ["compare", "{task}", "--strategies", "ape", "-S", "ape.beam=3"],
+            "--strategy-setting: strategy ape has no setting 'beam'",
+        ),
     ],
 )
 def test_bad_strategy_input_is_one_line_and_exit_2(

@@ -17,7 +17,15 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
 
-from opro_agent import LLMCallsFailingError, Opro, OproOptimizer, RetryPolicy, SearchSettings, Task
+from opro_agent import (
+    LLMCallsFailingError,
+    Opro,
+    OproOptimizer,
+    ProTeGi,
+    RetryPolicy,
+    SearchSettings,
+    Task,
+)
 from opro_agent.candidates import instruction_key
 from opro_agent.cli import main
 from opro_agent.local_server import LocalServer, find_embedded_model
@@ -145,6 +153,44 @@ def test_ape_and_compare_run_on_the_embedded_model(
         test = stored.summary["scores"]["test"]  # type: ignore[index]
         assert test == pytest.approx(strategy["test"]["mean"], abs=1e-4)
         assert 0 < strategy["calls"] <= 200
+
+
+def test_protegi_and_pe2_run_on_the_embedded_model(
+    embedded_server: LocalServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task = _small_task(
+        tmp_path,
+        str(REPO / "tasks" / "yes_no_facts.jsonl"),
+        "",
+        "{train: 6, validation: 4, test: 8, seed: 5}",
+    )
+    model = ["--optimizer", f"openai:{embedded_server.model_name}"]
+    model += ["--optimizer-base-url", embedded_server.base_url]
+    model += ["--scorer", f"openai:{embedded_server.model_name}"]
+    model += ["--scorer-base-url", embedded_server.base_url]
+    run_dir = tmp_path / "runs"
+    settings = ["-S", "protegi.beam=1", "-S", "protegi.gradients=2", "-S", "pe2.step_size=40"]
+    flags = ["--steps", "1", "--max-calls", "200", "--run-dir", str(run_dir), "--json"]
+    code = main(["compare", str(task), "--strategies", "protegi,pe2", *settings, *model, *flags])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    store = RunStore.open(run_dir)
+    for strategy in report["strategies"]:
+        (run_id,) = strategy["runs"]
+        summary = store.get_run(run_id).summary
+        assert summary is not None and summary["strategy"] == strategy["strategy"]
+        _check_against_store(summary, task, run_dir)
+    calls = store._db.execute("SELECT DISTINCT kind FROM optimizer_calls").fetchall()
+    assert {"gradient", "pe2"} <= {row[0] for row in calls}
+
+    # From Python, the same way.
+    result = OproOptimizer(
+        _chat(embedded_server, 1.0, 60),
+        _chat(embedded_server, 0.0, 8),
+        strategy=ProTeGi(beam=1, gradients=1, paraphrases=0),
+        settings=SearchSettings(steps=1, concurrency=2),
+    ).invoke(Task.from_yaml(task))
+    assert result.strategy == "protegi" and result.scores["test"] is not None
 
 
 def test_the_local_spec_starts_and_stops_its_own_server(
