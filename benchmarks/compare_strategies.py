@@ -3,7 +3,7 @@ Hard tasks from ../shared/data, on the embedded model in both roles, the same sp
 and call budget for every strategy; one combined table.
 
     python benchmarks/compare_strategies.py [--tasks sports_understanding,navigate,...]
-        [--seeds 0,1,2] [--max-calls 520] [--steps 10] [--run-dir DIR] [--data-dir DIR]
+        [--seeds 0,1,2] [--max-calls 420] [--steps 10] [--run-dir DIR] [--data-dir DIR]
 
 Task YAMLs are written to a temporary folder (their data path points at the shared JSON, so
 nothing is copied). Each task is one `opro-agent compare ... --json` subprocess; the script
@@ -66,7 +66,9 @@ class Split:
     test: int
 
 
-def write_task(folder: Path, data_dir: Path, name: str, split: Split, args: Any) -> Path:
+def write_task(
+    folder: Path, data_dir: Path, name: str, split: Split, args: argparse.Namespace
+) -> Path:
     """A task YAML for one BBH task; JSON is valid YAML, so the file is written as JSON."""
     data = data_dir / "bbh" / f"{name}.json"
     if not data.is_file():
@@ -128,15 +130,15 @@ def main() -> None:
     parser.add_argument("--tasks", type=_csv, default=list(DEFAULT_TASKS))
     parser.add_argument("--strategies", type=_csv, default=list(STRATEGIES))
     parser.add_argument("--seeds", default="0,1,2", help="search seeds, e.g. 0,1,2")
-    parser.add_argument("--max-calls", type=int, default=520, help="budget per run")
+    parser.add_argument("--max-calls", type=int, default=420, help="budget per run")
     parser.add_argument(
         "--steps", type=int, default=10, help="step cap (set high: the budget should bind)"
     )
     parser.add_argument("--run-dir", type=Path, help="run store (default: a temporary folder)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="holds bbh/*.json")
-    parser.add_argument("--train", type=int, default=20)
-    parser.add_argument("--validation", type=int, default=20)
-    parser.add_argument("--test", type=int, default=50)
+    parser.add_argument("--train", type=int, default=15)
+    parser.add_argument("--validation", type=int, default=15)
+    parser.add_argument("--test", type=int, default=40)
     parser.add_argument("--answer-max-tokens", type=int, default=8)
     parser.add_argument(
         "--instruction-position", default="system", choices=["system", "Q_begin", "Q_end"]
@@ -146,6 +148,19 @@ def main() -> None:
         action="store_true",
         help="use the response cache (off by default: a cached answer is not charged to the "
         "budget, so the strategy run second would get more search for the same budget)",
+    )
+    parser.add_argument(
+        "-S",
+        "--strategy-setting",
+        action="append",
+        default=[],
+        metavar="STRATEGY.KEY=VALUE",
+        help="passed to compare, e.g. -S protegi.beam=2",
+    )
+    parser.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="pass --no-guard: the best finalist wins even if an initial instruction does better",
     )
     args = parser.parse_args()
     unknown = [t for t in args.tasks if t not in METRICS]
@@ -181,6 +196,10 @@ def main() -> None:
         ]
         if not args.cache:
             cmd.append("--no-cache")
+        if args.no_guard:
+            cmd.append("--no-guard")
+        for setting in args.strategy_setting:
+            cmd += ["-S", setting]
         commands.append(shlex.join(cmd))
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {commands[-1]}", file=sys.stderr, flush=True)
         started = time.perf_counter()
@@ -226,10 +245,15 @@ def main() -> None:
                 f"{_score(baseline):>8} {s['calls']:>6.0f} {s['wall_seconds']:>7.1f}"
             )
     print("(calls and wall seconds: mean per run; baseline: the starting instruction on test)")
+    package = subprocess.run(
+        [sys.executable, "-c", "import opro_agent; print(opro_agent.__file__)"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
     print(
         f"\n{'task':<22} {'strategy':<8} {'seed':>4} {'train':>6} {'valid':>6} {'test':>6} "
-        f"{'calls':>6} {'steps':>5} {'stop':<8} best instruction"
+        f"{'calls':>6} {'step':>4} {'stop':<8} {'kept':<4} best instruction"
     )
     seeds = _csv(args.seeds)
     for name in results:
@@ -240,13 +264,16 @@ def main() -> None:
                 steps = max((h["step"] for h in run["history"]), default=0)
                 calls = sum(summary.get("calls", {}).values())
                 best = summary.get("best_instruction", "")
+                kept = "yes" if (summary.get("selection") or {}).get("kept_initial") else "no"
                 print(
                     f"{name:<22} {strategy:<8} {seed:>4} {_score(scores.get('train')):>6} "
                     f"{_score(scores.get('validation')):>6} {_score(scores.get('test')):>6} "
-                    f"{calls:>6} {steps:>5} {summary.get('stop_reason', '-'):<8} {best[:90]!r}"
+                    f"{calls:>6} {steps:>4} {summary.get('stop_reason', '-'):<8} {kept:<4} "
+                    f"{best[:90]!r}"
                 )
 
-    print("\ncommand line:", shlex.join([sys.executable, *sys.argv]))
+    print(f"\nopro_agent imported from {package}")
+    print("command line:", shlex.join([sys.executable, *sys.argv]))
     for command in commands:
         print("  ", command)
 

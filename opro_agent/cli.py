@@ -135,6 +135,7 @@ def _build_parser() -> _Parser:
         "--dry-run", action="store_true", help="print projected calls, tokens and cost; stop"
     )
     opt.add_argument("--json", action="store_true", help="end stdout with a JSON summary")
+    _add_mlflow_flag(opt)
     opt.set_defaults(handler=_cmd_optimize)
 
     cmp = commands.add_parser(
@@ -162,6 +163,7 @@ def _build_parser() -> _Parser:
     _add_model_flags(cmp, roles=("optimizer", "scorer"))
     _add_search_flags(cmp)
     cmp.add_argument("--json", action="store_true", help="end stdout with a JSON object")
+    _add_mlflow_flag(cmp)
     cmp.set_defaults(handler=_cmd_compare)
 
     ev = commands.add_parser("evaluate", help="score one instruction on a split of a task")
@@ -184,6 +186,27 @@ def _build_parser() -> _Parser:
     show.add_argument("--run-dir", type=Path, default=Path("runs"))
     show.add_argument("--json", action="store_true", help="print a JSON object")
     show.set_defaults(handler=_cmd_runs_show)
+    runs_compare = runs_commands.add_parser(
+        "compare", help="stored runs side by side: one table and their curves (HTML)"
+    )
+    runs_compare.add_argument("runs", nargs="+", metavar="RUN", help="two or more run ids")
+    runs_compare.add_argument("--run-dir", type=Path, default=Path("runs"))
+    runs_compare.add_argument(
+        "--out", type=Path, help="HTML file to write (default compare.html; with --json, none)"
+    )
+    runs_compare.add_argument("--json", action="store_true", help="print a JSON object")
+    runs_compare.set_defaults(handler=_cmd_runs_compare)
+
+    report = commands.add_parser("report", help="write a run's report: one offline HTML file")
+    report.add_argument("run", metavar="RUN", help="run id (a unique prefix will do)")
+    report.add_argument("--run-dir", type=Path, default=Path("runs"))
+    report.add_argument(
+        "--out", type=Path, default=Path("report.html"), help="HTML file (report.html)"
+    )
+    report.add_argument(
+        "--png", action="store_true", help="also write the main chart as a PNG beside it"
+    )
+    report.set_defaults(handler=_cmd_report)
 
     tasks = commands.add_parser("tasks", help="work with task files")
     tasks_commands = tasks.add_subparsers(dest="tasks_command", required=True, metavar="COMMAND")
@@ -228,6 +251,43 @@ def _add_search_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prices", type=Path, metavar="YAML", help="USD per 1M tokens by model, added to defaults"
     )
+
+
+def _tracking_uri(text: str) -> str:
+    if text.endswith((".yaml", ".yml")):  # `--mlflow task.yaml`: the URI is optional
+        raise argparse.ArgumentTypeError(
+            f"{text!r} looks like a task file: put --mlflow after it, or write --mlflow=URI"
+        )
+    return text
+
+
+def _add_mlflow_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        type=_tracking_uri,
+        metavar="TRACKING_URI",
+        help="log each run to MLflow (the mlflow extra); URI default $MLFLOW_TRACKING_URI, "
+        "else ./mlruns",
+    )
+
+
+def _mlflow_uri(args: argparse.Namespace) -> str | None:
+    """The checked tracking URI of --mlflow (None without the flag), found before any
+    model server starts."""
+    if args.mlflow is None:
+        return None
+    from opro_agent.reports import mlflow as tracking
+
+    return tracking.check_tracking_uri(args.mlflow or None, field="--mlflow")
+
+
+def _log_to_mlflow(uri: str | None, result: OptimizationResult, store: RunStore) -> None:
+    if uri is not None:
+        from opro_agent.reports import mlflow as tracking
+
+        tracking.log_run(result, store, tracking_uri=uri)
 
 
 def _add_model_flags(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
@@ -494,6 +554,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_estimate(job, session.prices, as_json=args.json)
         return 0
+    mlflow_uri = _mlflow_uri(args)
     store = store or RunStore.open(args.run_dir)
     with (
         Models(log_dir=args.run_dir, local_model=job.local_model) as models,
@@ -501,6 +562,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     ):
         result = _run(session.optimizer(models, job, args, store, observer), job, args.run_dir)
     _print_result(result, as_json=args.json)
+    _log_to_mlflow(mlflow_uri, result, store)
     return 0
 
 
@@ -540,6 +602,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         for strategy in strategies
     }
     session = _Session.from_job(args, jobs[strategies[0].name][0])
+    mlflow_uri = _mlflow_uri(args)
     store = RunStore.open(args.run_dir)
     results: dict[str, list[OptimizationResult]] = {}
     with Models(log_dir=args.run_dir, local_model=args.local_model) as models:
@@ -550,6 +613,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 log.info(
                     "compare.run_done", strategy=name, seed=job.settings.seed, run_id=result.run_id
                 )
+                _log_to_mlflow(mlflow_uri, result, store)
                 results.setdefault(name, []).append(result)
     summaries = summarise(results)
     if args.json:
@@ -811,6 +875,85 @@ def _cmd_runs_show(args: argparse.Namespace) -> int:
         )
     if run.summary:
         print(f"best: {run.summary.get('best_instruction')!r}")
+    return 0
+
+
+_REPORT_EXTRA = "opro-agent {command} needs the report extra: pip install 'opro-agent[report]'"
+
+
+def _report_extra_missing() -> bool:
+    """Whether the `report` extra's plotting library (matplotlib) cannot be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+def _write_output(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}", field="--out") from None
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    # Imported here: the reports need the optional `report` extra, other commands do not.
+    from opro_agent.errors import RunStoreError
+    from opro_agent.reports import RunReport
+
+    if _report_extra_missing():
+        print(_REPORT_EXTRA.format(command="report"), file=sys.stderr)
+        return 2
+    from opro_agent.reports.html import render_report
+
+    store = _existing_store(args.run_dir)
+    try:
+        report = RunReport.from_store(store, args.run)
+    except RunStoreError as exc:
+        raise ConfigError(str(exc), field="RUN") from None
+    rendered = render_report(report)
+    _write_output(args.out, rendered.html.encode("utf-8"))
+    print(f"wrote {args.out}")
+    if args.png:
+        if rendered.main_chart is None:
+            print("no PNG written: the run has no scored instruction yet", file=sys.stderr)
+        else:
+            png = args.out.with_suffix(".png")
+            _write_output(png, rendered.main_chart)
+            print(f"wrote {png}")
+    return 0
+
+
+def _cmd_runs_compare(args: argparse.Namespace) -> int:
+    from opro_agent.errors import RunStoreError
+    from opro_agent.reports import RunsComparison
+
+    if len(args.runs) < 2:
+        raise ConfigError("give at least two runs to compare", field="RUN")
+    out: Path | None = args.out
+    if out is None and not args.json:
+        out = Path("compare.html")
+    if out is not None and _report_extra_missing():
+        print(_REPORT_EXTRA.format(command="runs compare"), file=sys.stderr)
+        return 2
+    store = _existing_store(args.run_dir)
+    try:
+        comparison = RunsComparison.from_store(store, args.runs)
+    except RunStoreError as exc:
+        raise ConfigError(str(exc), field="RUN") from None
+    if out is not None:
+        from opro_agent.reports.html import render_comparison
+
+        _write_output(out, render_comparison(comparison).encode("utf-8"))
+    if args.json:
+        if out is not None:
+            print(f"wrote {out}")
+        print(json.dumps(comparison.to_dict(), ensure_ascii=False))
+    else:
+        print(comparison.table())
+        print(f"wrote {out}")
     return 0
 
 

@@ -8,6 +8,7 @@ only ``contains`` accepts the gold answer merely appearing somewhere in the pred
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import inspect
 import math
@@ -25,6 +26,7 @@ __all__ = [
     "extract_answer",
     "get_metric",
     "metric_from_callable",
+    "metric_identity",
 ]
 
 Metric: TypeAlias = Callable[[str, str, str], float]
@@ -527,7 +529,22 @@ def metric_from_callable(fn: Callable[..., float | bool]) -> Metric:
             return _to_score(fn(prediction, target, question))
         return _to_score(fn(prediction, target))
 
+    metric.__wrapped__ = fn  # type: ignore[attr-defined]  # for metric_identity
     return metric
+
+
+def metric_identity(metric: Metric) -> str:
+    """A digest of what a metric computes: its source code and the values it closes over
+    (a regex pattern), so a changed pattern or function is told apart from the old one."""
+    target = inspect.unwrap(metric)
+    try:
+        source = inspect.getsource(target)
+    except (OSError, TypeError):  # defined in a REPL or built in: its name is all there is
+        source = getattr(target, "__qualname__", repr(target))
+    cells = getattr(target, "__closure__", None) or ()
+    values = [repr(c.cell_contents) for c in cells if not callable(c.cell_contents)]
+    digest = hashlib.sha256("\n".join([source, *values]).encode("utf-8"))
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,13 @@ from typing import Any, cast
 
 from opro_agent.errors import ConfigError
 from opro_agent.files import read_yaml
-from opro_agent.metrics import METRIC_NAMES, Metric, get_metric, metric_from_callable
+from opro_agent.metrics import (
+    METRIC_NAMES,
+    Metric,
+    get_metric,
+    metric_from_callable,
+    metric_identity,
+)
 from opro_agent.prompts import INSTRUCTION_POSITIONS, InstructionPosition, render_question
 
 __all__ = ["Example", "SplitSpec", "Task", "TaskSplits"]
@@ -44,6 +50,7 @@ _DATA_FIELDS = frozenset({"path", "records", "input", "target"})
 _METRIC_FIELDS = frozenset({"name", "pattern", "function"})
 _SPLIT_FIELDS = frozenset({"train", "validation", "test", "seed"})
 DEFAULT_INITIAL_INSTRUCTIONS = ("Let's solve the problem.",)
+_CODED = frozenset({"regex", "python"})  # metrics whose behaviour is not fixed by their name
 
 
 @dataclass(frozen=True)
@@ -230,6 +237,13 @@ class Task:
                 "examples": [[e.id, dict(e.inputs), e.target] for e in self.examples],
                 "fields": self.input_fields,
                 "metric": self.metric_name,
+                # A regex or python metric is identified by what it computes too; built-in
+                # ones by name alone, so runs stored before this keep their fingerprint.
+                **(
+                    {}
+                    if self.metric_name in METRIC_NAMES and self.metric_name not in _CODED
+                    else {"metric_code": metric_identity(self.metric)}
+                ),
                 "position": self.instruction_position,
                 "initial": self.initial_instructions,
                 "split": [

@@ -581,3 +581,27 @@ def test_jsonl_string_with_unicode_line_separator(tmp_path: Path) -> None:
     )
     task = Task.from_yaml(tmp_path / "task.yaml")
     assert task.question(task.examples[0]) == "first\u2028second"
+
+
+def test_the_fingerprint_tells_regex_patterns_and_python_metrics_apart(tmp_path: Path) -> None:
+    """A resumed run must not mix scores of two different metrics of the same kind."""
+    (tmp_path / "data.jsonl").write_text('{"input": "q", "target": "yes"}\n' * 4)
+
+    def fingerprint(metric: str, name: str) -> str:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(
+            f"name: t\ndata: {{path: data.jsonl}}\nmetric: {metric}\nsplit: {{train: 2}}\n"
+        )
+        return Task.from_yaml(path).fingerprint()
+
+    (tmp_path / "strict_metric.py").write_text("def score(p, t):\n    return p == t\n")
+    (tmp_path / "loose_metric.py").write_text("def score(p, t):\n    return t in p\n")
+    fingerprints = {
+        fingerprint("{name: regex, pattern: '(yes|no)'}", "a"),
+        fingerprint("{name: regex, pattern: '(y|n)'}", "b"),
+        fingerprint("{name: python, function: 'strict_metric:score'}", "c"),
+        fingerprint("{name: python, function: 'loose_metric:score'}", "d"),
+        fingerprint("boolean", "e"),
+    }
+    assert len(fingerprints) == 5
+    assert fingerprint("{name: regex, pattern: '(y|n)'}", "f") in fingerprints  # stable
