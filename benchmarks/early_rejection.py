@@ -16,7 +16,7 @@ from pathlib import Path
 
 from langchain_core.language_models import BaseChatModel
 
-from opro_agent import OproOptimizer, OproSettings, RunStore, SplitSpec, Task
+from opro_agent import Opro, OproOptimizer, RunStore, SearchSettings, SplitSpec, Task
 from opro_agent.local_server import LocalServer, find_embedded_model
 from opro_agent.providers import ModelOptions, openai_chat_model
 
@@ -61,19 +61,14 @@ def main() -> None:
         for seed in range(args.seeds):
             # Interleave the policies so machine noise hits both alike.
             for racing in (True, False):
-                settings = OproSettings(
-                    steps=args.steps,
-                    candidates_per_step=args.candidates,
-                    early_rejection=racing,
-                    seed=seed,
-                    concurrency=4,
-                )
+                strategy = Opro(candidates_per_step=args.candidates, early_rejection=racing)
                 store = RunStore(":memory:")
                 started = time.perf_counter()
                 result = OproOptimizer(
                     chat(s, 1.0, 60),
                     chat(s, 0.0, task.answer_max_tokens),
-                    settings=settings,
+                    strategy=strategy,
+                    settings=SearchSettings(steps=args.steps, seed=seed, concurrency=4),
                     store=store,
                     seed_optimizer_calls=True,
                 ).invoke(task)
