@@ -80,8 +80,8 @@ def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
         yield
 
 
-@pytest.fixture
-def yes_no_task() -> Task:
+def even_numbers_task() -> Task:
+    """The yes/no task of most tests (also for processes that have no fixtures)."""
     return Task.from_records(
         "even_numbers",
         [{"input": q, "target": a} for q, a in FACTS],
@@ -89,6 +89,11 @@ def yes_no_task() -> Task:
         instruction_position="Q_begin",
         split=SplitSpec(train=20, validation=10, test=30, seed=1),
     )
+
+
+@pytest.fixture
+def yes_no_task() -> Task:
+    return even_numbers_task()
 
 
 @pytest.fixture

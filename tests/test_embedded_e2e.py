@@ -48,11 +48,18 @@ def _small_task(tmp_path: Path, data: str, extra: str, split: str) -> Path:
     return path
 
 
+def _model_flags(server: LocalServer) -> list[str]:
+    """Both roles on the session's embedded server, as an OpenAI-compatible endpoint."""
+    return [
+        *("--optimizer", f"openai:{server.model_name}", "--optimizer-base-url", server.base_url),
+        *("--scorer", f"openai:{server.model_name}", "--scorer-base-url", server.base_url),
+    ]
+
+
 def _optimize(
     capsys: pytest.CaptureFixture[str], task: Path, server: LocalServer, run_dir: Path
 ) -> dict[str, Any]:
-    model = ["--optimizer", f"openai:{server.model_name}", "--optimizer-base-url", server.base_url]
-    model += ["--scorer", f"openai:{server.model_name}", "--scorer-base-url", server.base_url]
+    model = _model_flags(server)
     flags = ["--steps", "1", "--candidates", "2", "--run-dir", str(run_dir), "--json"]
     code = main(["optimize", str(task), *model, *flags])
     out = capsys.readouterr().out
@@ -127,10 +134,7 @@ def test_ape_and_compare_run_on_the_embedded_model(
         "",
         "{train: 6, validation: 6, test: 12, seed: 3}",
     )
-    model = ["--optimizer", f"openai:{embedded_server.model_name}"]
-    model += ["--optimizer-base-url", embedded_server.base_url]
-    model += ["--scorer", f"openai:{embedded_server.model_name}"]
-    model += ["--scorer-base-url", embedded_server.base_url]
+    model = _model_flags(embedded_server)
     run_dir = tmp_path / "runs"
     flags = ["--steps", "2", "--max-calls", "200", "--run-dir", str(run_dir), "--json"]
     settings = ["-S", "proposals=4", "-S", "resample_top=2"]
@@ -164,10 +168,7 @@ def test_protegi_and_pe2_run_on_the_embedded_model(
         "",
         "{train: 6, validation: 4, test: 8, seed: 5}",
     )
-    model = ["--optimizer", f"openai:{embedded_server.model_name}"]
-    model += ["--optimizer-base-url", embedded_server.base_url]
-    model += ["--scorer", f"openai:{embedded_server.model_name}"]
-    model += ["--scorer-base-url", embedded_server.base_url]
+    model = _model_flags(embedded_server)
     run_dir = tmp_path / "runs"
     settings = ["-S", "protegi.beam=1", "-S", "protegi.gradients=2", "-S", "pe2.step_size=40"]
     flags = ["--steps", "1", "--max-calls", "200", "--run-dir", str(run_dir), "--json"]

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from opro_agent import OproOptimizer, RunStore, SearchSettings, SplitSpec, Task, make_strategy
+from opro_agent import OproOptimizer, RunStore, SearchSettings, Task, make_strategy
 from opro_agent.store import DB_FILENAME
-from tests.conftest import FACTS, scorer_reply
+from tests.conftest import even_numbers_task, scorer_reply
 from tests.fakes import ScriptedChatModel
 from tests.test_error_driven import any_reply
 
@@ -56,13 +56,7 @@ optimizer.invoke(task(), run_id=run_id)
 
 
 def task() -> Task:
-    return Task.from_records(
-        "even_numbers",
-        [{"input": q, "target": a} for q, a in FACTS],
-        metric="boolean",
-        instruction_position="Q_begin",
-        split=SplitSpec(train=20, validation=10, test=30, seed=1),
-    )
+    return even_numbers_task()
 
 
 def _run(name: str, store: RunStore, run_id: str | None = None) -> tuple[Any, ScriptedChatModel]:
