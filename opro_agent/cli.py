@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -37,6 +38,7 @@ from opro_agent.providers import (
     rate_limit_errors,
     redact_url,
 )
+from opro_agent.reports import RunReport
 from opro_agent.result import OptimizationResult
 from opro_agent.settings import RunResources, SearchSettings
 from opro_agent.stats import Interval
@@ -854,6 +856,7 @@ def _cmd_runs_show(args: argparse.Namespace) -> int:
                     "summary": run.summary,
                     "usage": usage,
                     "history": [h.__dict__ for h in history],
+                    "test_changes": _test_changes(store, run.id),
                 },
                 ensure_ascii=False,
             )
@@ -955,6 +958,19 @@ def _cmd_runs_compare(args: argparse.Namespace) -> int:
         print(comparison.table())
         print(f"wrote {out}")
     return 0
+
+
+def _test_changes(store: RunStore, run_id: str) -> dict[str, list[dict[str, Any]]] | None:
+    """The test examples the winner fixed and broke against the best initial instruction
+    (with question and answers when the task file is at hand); None before the test."""
+    headline = RunReport.from_store(store, run_id).headline()
+    if headline is None:
+        return None
+    return {
+        "baseline": headline.baseline,
+        "fixed": [dataclasses.asdict(c) for c in headline.fixed],
+        "broken": [dataclasses.asdict(c) for c in headline.broken],
+    }
 
 
 def _existing_store(run_dir: Path, *, resume: str | None = None) -> RunStore:

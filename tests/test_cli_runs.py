@@ -70,6 +70,14 @@ def test_optimize_prints_a_json_summary_consistent_with_the_store(
     )
     shown = json.loads(out)
     assert shown["history"][0]["instruction"] == "Let's solve the problem."
+    # The test questions the winner fixed against the starting instruction, with answers.
+    changes = shown["test_changes"]
+    assert changes["baseline"] == "Let's solve the problem." and changes["broken"] == []
+    assert len(changes["fixed"]) == 30 == len(shown["summary"]["test_comparison"]["fixed"])
+    fixed = changes["fixed"][0]
+    assert fixed["question"].startswith("Is ") and fixed["target"] in ("yes", "no")
+    assert (fixed["winner_score"], fixed["baseline_score"]) == (1.0, 0.0)
+    assert fixed["baseline_answer"] == "That is an interesting question."
 
 
 def test_human_readable_report(
