@@ -493,7 +493,7 @@ class _Session:
     prices: dict[str, Price | None]
 
     @classmethod
-    def from_job(cls, args: argparse.Namespace, job: _OptimizeJob) -> _Session:
+    def from_job(cls, args: argparse.Namespace, job: _OptimizeJob, *, logprobs: bool) -> _Session:
         specs = {
             "optimizer": ModelSpec.parse(job.optimizer, flag="--optimizer"),
             "scorer": ModelSpec.parse(job.scorer, flag="--scorer"),
@@ -504,7 +504,7 @@ class _Session:
                 0.0,
                 job.task.answer_max_tokens,
                 job.scorer_url,
-                top_logprobs=SCORER_TOP_LOGPROBS if job.strategy.needs_logprobs else None,
+                top_logprobs=SCORER_TOP_LOGPROBS if logprobs else None,
             ),
         }
         return cls(specs, options, _prices(args, specs))
@@ -552,7 +552,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     store = _existing_store(args.run_dir, resume=args.resume) if args.resume else None
     job = _job_from_run(store, args) if store is not None else _job_from_flags(args)
     # Everything that can be wrong with the input is found before a model server starts.
-    session = _Session.from_job(args, job)
+    job.strategy.check(job.task)
+    session = _Session.from_job(args, job, logprobs=job.strategy.needs_logprobs)
     if args.dry_run:
         _print_estimate(job, session.prices, as_json=args.json)
         return 0
@@ -603,7 +604,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         ]
         for strategy in strategies
     }
-    session = _Session.from_job(args, jobs[strategies[0].name][0])
+    for strategy in strategies:
+        strategy.check(task)
+    # One scorer for every strategy: with log probabilities if any strategy ranks by them.
+    logprobs = any(s.needs_logprobs for s in strategies)
+    session = _Session.from_job(args, jobs[strategies[0].name][0], logprobs=logprobs)
     mlflow_uri = _mlflow_uri(args)
     store = RunStore.open(args.run_dir)
     results: dict[str, list[OptimizationResult]] = {}
@@ -960,7 +965,7 @@ def _cmd_runs_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _test_changes(store: RunStore, run_id: str) -> dict[str, list[dict[str, Any]]] | None:
+def _test_changes(store: RunStore, run_id: str) -> dict[str, Any] | None:
     """The test examples the winner fixed and broke against the best initial instruction
     (with question and answers when the task file is at hand); None before the test."""
     headline = RunReport.from_store(store, run_id).headline()

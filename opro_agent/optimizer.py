@@ -149,6 +149,7 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
         **kwargs: Any,
     ) -> OptimizationResult:
         """Run (or, with the `run_id` of a stored run, resume) the search on a task."""
+        self.strategy.check(input)
         store = self.store or RunStore(":memory:")
         run_id = (
             self._check_resume(store, input, run_id) if run_id else self._create_run(store, input)

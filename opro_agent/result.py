@@ -39,7 +39,7 @@ class OptimizationResult:
     tokens: Mapping[str, int]  # prompt, completion
     cost: float | None  # USD, when prices are known
     cache_hits: int
-    saved_by_early_rejection: int  # scorer calls not made thanks to racing
+    saved_by_early_rejection: int  # scorer calls not made: racing, or ProTeGi's bandit
     wall_seconds: float
     stop_reason: str  # steps | patience | target_score | budget
     instruction_position: InstructionPosition

@@ -56,10 +56,13 @@ class InstructionScore:
 
     @property
     def mean_logprob(self) -> float | None:
-        """Mean log probability of the gold answers (a failed call counts as the floor);
-        None unless every answer came with log probabilities."""
-        values = [MIN_LOGPROB if r.error else r.logprob for r in self.results.values()]
-        return mean_logprob(values) if values else None
+        """Mean log probability of the gold answers, an answer without one (a failed call,
+        an empty reply) counting as the floor; None when no answer came with one (the
+        scorer does not return log probabilities)."""
+        values = [r.logprob for r in self.results.values()]
+        if all(v is None for v in values):
+            return None
+        return mean_logprob(MIN_LOGPROB if v is None else v for v in values)
 
 
 class Scorer:

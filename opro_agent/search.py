@@ -262,8 +262,9 @@ class Search:
 
     def add_partial(self, proposal: Proposal, scored: InstructionScore, *, step: int) -> Candidate:
         self._record_instruction(proposal, step)
-        self.saved_calls += len(self._splits.train) - len(scored.results)
-        return self._add(proposal, scored, step, full=False)
+        missing = len(self._splits.train) - len(scored.results)
+        self.saved_calls += missing
+        return self._add(proposal, scored, step, full=missing == 0)
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -277,8 +278,14 @@ class Search:
             log.warning("budget.spent", reason=str(exc))
             stop_reason = "budget"
         if not self._pool.ranked():
-            raise BudgetExceededError(
-                "the budget ran out before the initial instructions were scored; raise it"
+            if stop_reason == "budget":
+                raise BudgetExceededError(
+                    "the budget ran out before any instruction was scored on the whole "
+                    "train split; raise it"
+                )
+            raise LLMCallsFailingError(
+                "no instruction was scored on the whole train split: the task has no "
+                "initial instructions and the strategy proposed none that could be scored"
             )
         return await self._finish(stop_reason)
 
@@ -504,6 +511,13 @@ class Search:
         except BudgetExceededError as exc:
             log.warning("budget.spent", reason=str(exc), phase="final evaluation")
             stop_reason = "budget"
+            if not validation and splits.validation and initial:
+                guard = self._settings.keep_initial_unless_better
+                if guard:
+                    winner = max(initial, key=lambda c: (c.fitness, -c.order))
+                reason = "the budget ran out before the finalists were validated" + (
+                    ": keeping the best initial instruction" if guard else ""
+                )
         if reason is not None:
             log.warning("run.selection", reason=reason, instruction=winner.text)
         baselines = {text: test[text] for text in self._initial if text in test}

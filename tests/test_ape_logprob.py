@@ -16,7 +16,10 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 
 from opro_agent import Ape, OproOptimizer, ResponseCache, RunStore, SearchSettings, Task, cli
 from opro_agent.llm_calls import Caller, CallPolicy
+from opro_agent.logprobs import MIN_LOGPROB
 from opro_agent.providers import ModelOptions, Models, ModelSpec
+from opro_agent.scorer import InstructionScore
+from opro_agent.store import Evaluation
 from opro_agent.strategies.ape import _warn_no_logprobs
 from tests.conftest import scorer_reply
 from tests.fakes import ScriptedChatModel
@@ -125,3 +128,25 @@ def test_the_cli_asks_the_scorer_for_logprobs_only_when_needed(
     capsys.readouterr()
     assert [o.top_logprobs for o in options_seen["--scorer"]] == [5, None]
     assert all(o.top_logprobs is None for o in options_seen["--optimizer"])
+
+
+def _scored(values: list[tuple[float, float | None]]) -> InstructionScore:
+    results = {
+        str(i): Evaluation(str(i), "train", "x", score, logprob=logprob)
+        for i, (score, logprob) in enumerate(values)
+    }
+    return InstructionScore("x", "train", results)
+
+
+def test_logprob_fitness_keeps_one_scale() -> None:
+    ape = Ape(score="logprob")
+    sure = _scored([(1.0, -0.1)] * 4)
+    one_empty_answer = _scored([(1.0, -0.1)] * 3 + [(0.0, None)])
+    assert ape.fitness(sure) == pytest.approx(-0.1, abs=1e-5)
+    # An answer without a log probability counts as the floor, not as accuracy.
+    assert ape.fitness(one_empty_answer) < ape.fitness(sure) < 0
+    # A scorer that never gives log probabilities: every candidate at the floor, ties
+    # broken by accuracy.
+    right, wrong = _scored([(1.0, None)] * 4), _scored([(0.0, None)] * 4)
+    assert ape.fitness(right) > MIN_LOGPROB and ape.fitness(wrong) == MIN_LOGPROB
+    assert ape.fitness(right) < ape.fitness(one_empty_answer)

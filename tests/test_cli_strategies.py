@@ -194,9 +194,17 @@ def test_compare_runs_every_strategy_and_seed(
         (["optimize", "{task}", "--strategy", "ape", "-S", "mode"], "expected KEY=VALUE"),
         (
             ["optimize", "{task}", "--strategy", "ape", "-S", "mode=sideways"],
-            "--strategy-setting.mode: must be forward, reverse or both",
+            "--strategy-setting: strategy ape: mode must be one of 'forward', 'reverse', 'both'",
         ),
         (["optimize", "{task}", "--strategy", "ape", "-S", "speed=3"], "has no setting 'speed'"),
+        (
+            ["optimize", "{task}", "--strategy", "protegi", "-S", "beam=2.5"],
+            "strategy protegi: beam must be a whole number, got 2.5",
+        ),
+        (
+            ["optimize", "{task}", "--strategy", "protegi", "-S", "exploration=-1"],
+            "--strategy-setting.exploration: must not be negative",
+        ),
         (["optimize", "{task}", "--config", "{config}"], "run.yaml: stepz: unknown setting"),
         (
             ["compare", "{task}", "--strategies", "opro,ape", "-S", "pe2.step_size=3"],

@@ -3,6 +3,7 @@ paraphrase -> bandit) and PE2 (failures, step size, momentum)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import structlog
 from langchain_core.messages import BaseMessage
 
-from opro_agent import OproOptimizer, Pe2, ProTeGi, RunStore, SearchSettings, Task
+from opro_agent import ConfigError, OproOptimizer, Pe2, ProTeGi, RunStore, SearchSettings, Task
 from opro_agent.strategies import Proposal, Rejected
 from opro_agent.strategies.pe2 import words_changed
 from opro_agent.strategies.replies import parse_reply
@@ -171,3 +172,26 @@ def test_an_empty_or_copying_reply_is_rejected() -> None:
         "<INS>Is 4 an even number?</INS>", "INS", kind="edit", questions=["Is 4 an even number?"]
     )
     assert isinstance(copied, Rejected) and copied.reason == "echoes_exemplar"
+
+
+@pytest.mark.parametrize("strategy", [ProTeGi(), Pe2()])
+def test_error_driven_strategies_need_an_initial_instruction(
+    strategy: Any, yes_no_task: Task
+) -> None:
+    task = dataclasses.replace(yes_no_task, initial_instructions=())
+    optimizer = OproOptimizer(
+        ScriptedChatModel(respond=any_reply),
+        ScriptedChatModel(respond=scorer_reply),
+        strategy=strategy,
+    )
+    with pytest.raises(ConfigError, match=r"initial_instructions: .* give at least one"):
+        optimizer.invoke(task)
+
+
+def test_a_bandit_arm_scored_on_every_example_counts_as_fully_scored(yes_no_task: Task) -> None:
+    # Enough pulls to score every arm on the whole (20-example) split: nothing is saved,
+    # and no arm is left out of the final choice for lack of a full score.
+    strategy = ProTeGi(beam=1, gradients=2, bandit_batch=10, bandit_pulls=4)
+    result, _ = _run(yes_no_task, strategy, RunStore(":memory:"), steps=1)
+    step1 = [h for h in result.history if h.step == 1]
+    assert len(step1) == 4 and result.saved_by_early_rejection == 0

@@ -356,7 +356,7 @@ def test_the_readme_report_command_runs(
 ) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", readme, re.DOTALL)
-    command = next(b.strip() for b in blocks if "opro-agent report RUN" in b)
+    command = next(b.strip() for b in blocks if "&& opro-agent report RUN" in b)
     argv = shlex.split(command.split("&& ")[-1])[1:]
     assert argv[:2] == ["report", "RUN"]
     argv[1] = runs.opro.run_id

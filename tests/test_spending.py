@@ -284,7 +284,7 @@ def test_a_budget_too_small_for_the_initial_instructions_is_an_error(
     )
     run_id = optimizer.prepare_run(yes_no_task)
     with pytest.raises(
-        BudgetExceededError, match="budget ran out before the initial instructions were scored"
+        BudgetExceededError, match="budget ran out before any instruction was scored"
     ):
         optimizer.invoke(yes_no_task, run_id=run_id)
     assert 0 < len(scorer.calls) <= 10

@@ -146,7 +146,10 @@ def test_strategies_are_chosen_by_name_with_settings() -> None:
     [
         ("nope", r"strategy: no strategy 'nope' \(known: .*ape.*opro"),
         ({"name": "ape", "candidates_per_step": 3}, "strategy ape has no setting 'candidates_"),
-        ({"name": "ape", "mode": "sideways"}, "strategy.mode: must be forward, reverse or both"),
+        ({"name": "ape", "mode": "sideways"}, "strategy ape: mode must be one of 'forward'"),
+        ({"name": "ape", "proposals": 2.5}, "proposals must be a whole number, got 2.5"),
+        ({"name": "ape", "proposals": True}, "proposals must be a whole number, got True"),
+        ({"name": "protegi", "exploration": "high"}, "exploration must be a number"),
         ({"name": "opro", "candidates_per_step": 0}, "must be at least 1"),
         ({"name": "opro", "meta_prompt": "missing"}, "no meta-prompt 'missing'"),
         ({"mode": "reverse"}, "no strategy None"),

@@ -17,6 +17,7 @@ from typing import ClassVar, Literal
 import structlog
 
 from opro_agent.errors import ConfigError
+from opro_agent.logprobs import MIN_LOGPROB
 from opro_agent.prompts import Message
 from opro_agent.scorer import InstructionScore
 from opro_agent.strategies.base import Proposal, Rejected, SearchContext, StepCost, Strategy
@@ -29,6 +30,7 @@ __all__ = ["Ape", "ApeTemplates"]
 log = structlog.get_logger()
 
 Mode = Literal["forward", "reverse", "both"]
+_TIE_BREAK = 1e-6  # accuracy's weight next to log probability: it only breaks ties
 Score = Literal["accuracy", "logprob"]
 _TEMPLATE_FIELD = "strategy.templates"
 
@@ -111,12 +113,15 @@ class Ape(Strategy):
         return self.score == "logprob"
 
     def fitness(self, scored: InstructionScore) -> float:
-        if self.score == "logprob":
-            logprob = scored.mean_logprob
-            if logprob is not None:
-                return logprob
+        if self.score == "accuracy":
+            return scored.score
+        # One scale for every candidate: log probability, the floor where the scorer gave
+        # none, with accuracy to break ties (all candidates tie when it never gives any).
+        logprob = scored.mean_logprob
+        if logprob is None:
             _warn_no_logprobs()
-        return scored.score
+            logprob = MIN_LOGPROB
+        return logprob + scored.score * _TIE_BREAK
 
     def step_cost(self, step: int, splits: TaskSplits) -> StepCost:
         asks = self.proposals if step == 1 else self.resample_top * self.variations

@@ -166,8 +166,9 @@ class SearchContext(Protocol):
         pool or of an earlier proposal) are skipped and logged. Nothing is scored."""
 
     def add_partial(self, proposal: Proposal, scored: InstructionScore, *, step: int) -> Candidate:
-        """Add a proposal scored on only some training examples (`score`) to the pool, as
-        not fully scored (it cannot win); the calls not made count as saved."""
+        """Add a proposal scored on some training examples (`score`) to the pool: unless
+        that was all of them, as not fully scored (it cannot win), the calls not made
+        counting as saved."""
 
 
 class Strategy(ABC):
@@ -176,7 +177,8 @@ class Strategy(ABC):
     name: ClassVar[str]
 
     def check(self, task: Task) -> None:  # noqa: B027 - optional hook
-        """Raise ConfigError for settings that cannot work (a missing template, ...)."""
+        """Raise ConfigError if this strategy cannot work on `task` (called before a run
+        starts, before any model server)."""
 
     @abstractmethod
     def step_cost(self, step: int, splits: TaskSplits) -> StepCost:

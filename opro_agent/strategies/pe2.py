@@ -89,6 +89,14 @@ class Pe2(Strategy):
             },
         )
 
+    def check(self, task: Task) -> None:
+        if not task.initial_instructions:
+            raise ConfigError(
+                "pe2 edits the best instruction so far: give at least one",
+                source=task.source,
+                field="initial_instructions",
+            )
+
     def step_cost(self, step: int, splits: TaskSplits) -> StepCost:
         n = self.candidates_per_step
         return StepCost(n, n * len(splits.train))

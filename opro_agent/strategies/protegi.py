@@ -55,7 +55,7 @@ class ProTeGi(Strategy):
     paraphrases: int = 1  # Monte Carlo successors per edit
     bandit: Bandit = "ucb"
     bandit_batch: int = 5  # training examples per pull of an arm
-    bandit_pulls: int = 3  # pulls per arm on average (UCB's budget)
+    bandit_pulls: int = 3  # UCB's budget in pulls per arm (every arm is pulled once anyway)
     exploration: float = 2.0  # UCB's c in mean + sqrt(c ln t / n)
     templates: str = "protegi"
 
@@ -66,6 +66,8 @@ class ProTeGi(Strategy):
         for name in ("paraphrases", "bandit_pulls"):
             if getattr(self, name) < 0:
                 raise ConfigError("must not be negative", field=name)
+        if self.exploration < 0:
+            raise ConfigError("must not be negative", field="exploration")
         if self.bandit not in ("ucb", "successive_rejects"):
             raise ConfigError("must be ucb or successive_rejects", field="bandit")
         self.prompts  # noqa: B018 - a missing or broken template fails here, before a run
@@ -84,6 +86,14 @@ class ProTeGi(Strategy):
                 "error": error,
             },
         )
+
+    def check(self, task: Task) -> None:
+        if not task.initial_instructions:
+            raise ConfigError(
+                "protegi edits the best instructions so far: give at least one",
+                source=task.source,
+                field="initial_instructions",
+            )
 
     def step_cost(self, step: int, splits: TaskSplits) -> StepCost:
         per_gradient = 2 + self.paraphrases  # gradient, edit, paraphrases

@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from importlib.metadata import entry_points
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import structlog
 
@@ -45,7 +46,9 @@ def strategy_types() -> dict[str, type[Strategy]]:
         if not (isinstance(loaded, type) and issubclass(loaded, Strategy)):
             log.warning("strategy.plugin_ignored", name=entry.name, reason="not a Strategy")
             continue
-        found.setdefault(entry.name, loaded)
+        if entry.name != loaded.name:  # runs store the class's name: it must find it again
+            log.warning("strategy.plugin_renamed", entry_point=entry.name, name=loaded.name)
+        found.setdefault(loaded.name, loaded)
     return found
 
 
@@ -86,6 +89,14 @@ def make_strategy(
             source=source,
             field=field,
         )
+    hints = get_type_hints(cls)
+    for key, value in settings.items():
+        if not _fits(value, hints[key]):
+            raise ConfigError(
+                f"strategy {name}: {key} must be {_describe(hints[key])}, got {value!r}",
+                source=source,
+                field=field,
+            )
     try:
         return cls.from_settings(settings)
     except ConfigError as exc:
@@ -96,6 +107,31 @@ def make_strategy(
         raise ConfigError(
             f"bad setting for strategy {name}: {exc}", source=source, field=field
         ) from None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a setting's value has the type its field declares (ints are not floats'
+    only way in: a whole number is a fine float, but 2.5 is no int, and True no number)."""
+    if get_origin(hint) in (Union, UnionType):
+        return any(_fits(value, arm) for arm in get_args(hint))
+    if get_origin(hint) is Literal:
+        return value in get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    if get_origin(hint) in (Union, UnionType):
+        return " or ".join(_describe(arm) for arm in get_args(hint))
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(v) for v in get_args(hint))
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+    return names.get(hint, "none" if hint is type(None) else getattr(hint, "__name__", str(hint)))
 
 
 def split_run_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
