@@ -1,9 +1,12 @@
 """A minimal OpenAI-compatible chat-completions stub for benchmarks.
 
-Every POST /v1/chat/completions is answered with one choice whose content is a fixed short
-answer ("yes") and a `usage` block, after `--latency-ms` of `asyncio.sleep` (so concurrent
-requests overlap, as they would on a real server); GET /v1/models lists the one model, and
-GET /stats says how many completions were served (`completions_served`), so a benchmark can
+Every POST /v1/chat/completions is answered with one choice and a `usage` block, after
+`--latency-ms` of `asyncio.sleep` (so concurrent requests overlap, as they would on a real
+server). The answer is a fixed short one ("yes"), except for a request that asks for an
+instruction between <INS> and </INS> (an OPRO meta-prompt): that one gets a new instruction
+in those tags, numbered by a counter, so every proposal of an optimizer run is distinct and
+accepted. GET /v1/models lists the one model, and GET /stats says how many completions were
+served (`completions_served`, both kinds) and how many were proposals, so a benchmark can
 check that every call it timed reached the server.
 It is a raw ASGI callable served by uvicorn (one worker, warnings only, no access log), so
 the server does as little work per request as possible.
@@ -31,10 +34,11 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
-__all__ = ["ANSWER", "completions_served", "make_app", "running_stub"]
+__all__ = ["ANSWER", "PROPOSAL_MARK", "completions_served", "make_app", "running_stub"]
 
 ANSWER = "yes"
 MODEL = "stub"
+PROPOSAL_MARK = b"<INS>"  # a request containing this asks for an instruction
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -43,23 +47,33 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
-_COMPLETION = json.dumps(
-    {
-        "id": "chatcmpl-stub",
-        "object": "chat.completion",
-        "created": 0,
-        "model": MODEL,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": ANSWER},
-                "finish_reason": "stop",
-                "logprobs": None,
-            }
-        ],
-        "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
-    }
-).encode()
+
+
+def _completion(content: str, completion_tokens: int) -> bytes:
+    return json.dumps(
+        {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion",
+            "created": 0,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": 12,
+                "completion_tokens": completion_tokens,
+                "total_tokens": 12 + completion_tokens,
+            },
+        }
+    ).encode()
+
+
+_COMPLETION = _completion(ANSWER, 1)
 _MODELS = json.dumps(
     {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "stub"}]}
 ).encode()
@@ -67,9 +81,10 @@ _NOT_FOUND = json.dumps({"error": {"message": "not found", "type": "invalid_requ
 
 
 def make_app(latency_ms: float) -> App:
-    """The ASGI app: a fixed completion after `latency_ms`, the model list, 404 otherwise."""
+    """The ASGI app: a completion after `latency_ms` (a numbered instruction for a request
+    asking for one, "yes" otherwise), the model list, the counts, 404 otherwise."""
     latency = latency_ms / 1000
-    served = 0
+    served = proposals = 0
 
     async def respond(send: Send, status: int, body: bytes) -> None:
         headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
@@ -77,24 +92,31 @@ def make_app(latency_ms: float) -> App:
         await send({"type": "http.response.body", "body": body})
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        nonlocal served
+        nonlocal served, proposals
         if scope["type"] != "http":
             return
-        # Drain the request body (the stub does not need to parse it).
+        # Read the request body; it is only searched for PROPOSAL_MARK, never parsed.
+        chunks: list[bytes] = []
         more = True
         while more:
             message = await receive()
+            chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         method, path = scope["method"], scope["path"].rstrip("/")
         if method == "POST" and path == "/v1/chat/completions":
+            body = _COMPLETION
+            if PROPOSAL_MARK in b"".join(chunks):
+                proposals += 1
+                body = _completion(f"<INS>Answer the question, variant {proposals}.</INS>", 9)
             if latency > 0:
                 await asyncio.sleep(latency)
             served += 1
-            await respond(send, 200, _COMPLETION)
+            await respond(send, 200, body)
         elif method == "GET" and path == "/v1/models":
             await respond(send, 200, _MODELS)
         elif method == "GET" and path == "/stats":
-            await respond(send, 200, json.dumps({"completions": served}).encode())
+            stats = {"completions": served, "proposals": proposals}
+            await respond(send, 200, json.dumps(stats).encode())
         else:
             await respond(send, 404, _NOT_FOUND.encode())
 
