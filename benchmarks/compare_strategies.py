@@ -220,6 +220,8 @@ def main() -> None:
             flush=True,
         )
     total = time.perf_counter() - started_all
+    raw = {"tasks": results, "runs": details, "commands": commands, "seconds": total}
+    (run_dir / "compare_strategies.json").write_text(json.dumps(raw, ensure_ascii=False))
 
     print(
         f"\nopro-agent compare, strategies {', '.join(args.strategies)}, seeds {args.seeds}; "
@@ -231,7 +233,7 @@ def main() -> None:
     )
     print(
         f"{'task':<22} {'strategy':<8} {'test mean [95% CI over seeds]':<30} "
-        f"{'validation':<26} {'baseline':>8} {'calls':>6} {'wall s':>7}"
+        f"{'validation':<26} {'baseline':>8} {'calls':>6} {'tokens':>7} {'wall s':>7}"
     )
     for name, result in results.items():
         for s in result["strategies"]:
@@ -242,18 +244,22 @@ def main() -> None:
             )
             print(
                 f"{name:<22} {s['strategy']:<8} {_ci(s['test']):<30} {_ci(s['validation']):<26} "
-                f"{_score(baseline):>8} {s['calls']:>6.0f} {s['wall_seconds']:>7.1f}"
+                f"{_score(baseline):>8} {s['calls']:>6.0f} {s['tokens']:>7.0f} "
+                f"{s['wall_seconds']:>7.1f}"
             )
-    print("(calls and wall seconds: mean per run; baseline: the starting instruction on test)")
+    print(
+        "(calls, tokens and wall seconds: mean per run; baseline: the starting instruction on test)"
+    )
     package = subprocess.run(
-        [sys.executable, "-c", "import opro_agent; print(opro_agent.__file__)"],
+        # -P: not the current folder first, so this is the package `opro-agent` imports
+        [sys.executable, "-P", "-c", "import opro_agent; print(opro_agent.__file__)"],
         capture_output=True,
         text=True,
     ).stdout.strip()
 
     print(
         f"\n{'task':<22} {'strategy':<8} {'seed':>4} {'train':>6} {'valid':>6} {'test':>6} "
-        f"{'calls':>6} {'step':>4} {'stop':<8} {'kept':<4} best instruction"
+        f"{'calls':>6} {'last':>4} {'stop':<8} {'kept':<4} best instruction"
     )
     seeds = _csv(args.seeds)
     for name in results:
@@ -272,6 +278,10 @@ def main() -> None:
                     f"{best[:90]!r}"
                 )
 
+    print(
+        "(last: the last step that added a new candidate; kept: the initial instruction won "
+        "because no new one beat it on validation)"
+    )
     print(f"\nopro_agent imported from {package}")
     print("command line:", shlex.join([sys.executable, *sys.argv]))
     for command in commands:
