@@ -24,7 +24,7 @@ from tqdm import tqdm
 from opro_agent.budget import Budget
 from opro_agent.cache import ResponseCache
 from opro_agent.compare import render_table, summarise
-from opro_agent.errors import ConfigError, LLMCallsFailingError, OproError
+from opro_agent.errors import ConfigError, LLMCallsFailingError, OproError, RunStoreError
 from opro_agent.estimate import estimate_run
 from opro_agent.files import read_yaml
 from opro_agent.llm_calls import RateLimits
@@ -38,7 +38,7 @@ from opro_agent.providers import (
     rate_limit_errors,
     redact_url,
 )
-from opro_agent.reports import RunReport
+from opro_agent.reports import RunReport, RunsComparison
 from opro_agent.result import OptimizationResult
 from opro_agent.settings import RunResources, SearchSettings
 from opro_agent.stats import Interval
@@ -907,13 +907,10 @@ def _write_output(path: Path, data: bytes) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    # Imported here: the reports need the optional `report` extra, other commands do not.
-    from opro_agent.errors import RunStoreError
-    from opro_agent.reports import RunReport
-
     if _report_extra_missing():
         print(_REPORT_EXTRA.format(command="report"), file=sys.stderr)
         return 2
+    # Imported here: charts need the optional `report` extra, other commands do not.
     from opro_agent.reports.html import render_report
 
     store = _existing_store(args.run_dir)
@@ -935,9 +932,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_runs_compare(args: argparse.Namespace) -> int:
-    from opro_agent.errors import RunStoreError
-    from opro_agent.reports import RunsComparison
-
     if len(args.runs) < 2:
         raise ConfigError("give at least two runs to compare", field="RUN")
     out: Path | None = args.out
