@@ -761,7 +761,12 @@ def _print_result(result: OptimizationResult, *, as_json: bool) -> None:
             f"Baseline {text!r}: test {_with_interval(score, result.baseline_intervals.get(text))}"
         )
     comparison = result.test_comparison
-    if result.test_gain is not None and comparison is not None:
+    if result.test_gain is not None and result.best_instruction in result.baselines:
+        print(
+            f"Held-out gain over the best initial instruction: {result.test_gain:+.3f} "
+            "(the winner is an initial instruction)"
+        )
+    elif result.test_gain is not None and comparison is not None:
         print(
             f"Held-out gain over the best initial instruction: {result.test_gain:+.3f} "
             f"(95% CI {comparison.low:+.3f} to {comparison.high:+.3f}, {comparison.method}; "
