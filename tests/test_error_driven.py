@@ -157,6 +157,8 @@ def test_words_changed() -> None:
         ("Here is the improved instruction:\nAnswer yes or no.", "Answer yes or no."),
         ("Here's a new prompt: reply briefly.", "Reply briefly."),
         ("The instruction was to add the numbers", "Add the numbers"),
+        ("The instruction was to: add the numbers", "Add the numbers"),
+        ("The instruction is: answer briefly.", "Answer briefly."),
         ("Sure!\n<INS>Say yes or no.</INS>", "Say yes or no."),
         ("New instruction: be terse.\n\nThis helps because...", "Be terse."),
     ],

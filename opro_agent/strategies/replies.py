@@ -14,7 +14,7 @@ __all__ = ["parse_reply"]
 # What models put before an instruction they were asked to write or induce.
 _LEAD_RE = re.compile(
     r"^here(?:'s|\s+is)\s+(?:the|an|a|my)\s+(?:\w+\s+)?(?:instruction|prompt)\s*[:.]?\s*"
-    r"|^(?:the\s+)?(?:(?:new|improved|revised)\s+)?(?:instruction|prompt)\s+(?:was|is)\s*(?:to)?\s*"
+    r"|^(?:the\s+)?(?:(?:new|improved|revised)\s+)?(?:instruction|prompt)\s+(?:was|is)\s*(?:to)?\s*:?\s*"
     r"|^(?:(?:new|improved|revised)\s+)?(?:instruction|prompt)\s*:\s*|^output\s*:\s*|^to\s+",
     re.IGNORECASE,
 )
