@@ -13,7 +13,6 @@ from opro_agent.providers import Models
 from opro_agent.store import RunStore
 from tests.fakes import ScriptedChatModel
 from tests.test_error_driven import any_reply
-from tests.test_strategies import ape_reply
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -26,20 +25,13 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 def ape_models(
     fake_models: dict[str, list[ScriptedChatModel]], monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, list[ScriptedChatModel]]:
-    """The scripted models; the optimizer answers OPRO's and APE's prompts alike."""
+    """The scripted models; the optimizer answers every strategy's prompts, by kind."""
     original = Models.chat_model
 
     def chat_model(self: Models, spec: Any, options: Any, *, flag: str) -> Any:
         model = original(self, spec, options, flag=flag)
         if flag == "--optimizer":
-            opro = model.respond
-
-            def respond(messages: Any, metadata: Any) -> str:
-                if metadata["opro_kind"] == "proposal":
-                    return opro(messages, metadata)
-                return ape_reply(messages, metadata)
-
-            model.respond = respond
+            model.respond = any_reply
         return model
 
     monkeypatch.setattr(Models, "chat_model", chat_model)
@@ -113,19 +105,9 @@ def test_strategy_from_the_task_file_and_a_run_config(
 def test_compare_takes_settings_per_strategy(
     task_file: Path,
     tmp_path: Path,
-    fake_models: dict[str, list[ScriptedChatModel]],
-    monkeypatch: pytest.MonkeyPatch,
+    ape_models: dict[str, list[ScriptedChatModel]],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    original = Models.chat_model
-
-    def chat_model(self: Models, spec: Any, options: Any, *, flag: str) -> Any:
-        model = original(self, spec, options, flag=flag)
-        if flag == "--optimizer":
-            model.respond = any_reply
-        return model
-
-    monkeypatch.setattr(Models, "chat_model", chat_model)
     argv = ["compare", str(task_file), "--strategies", "protegi,pe2", "--steps", "1"]
     argv += ["-S", "protegi.beam=1", "-S", "protegi.gradients=1", "-S", "pe2.step_size=5"]
     code, out, _ = _run(capsys, *argv, "--run-dir", str(tmp_path), "--json")
