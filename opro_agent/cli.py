@@ -40,6 +40,14 @@ from opro_agent.providers import (
 )
 from opro_agent.reports import RunReport, RunsComparison
 from opro_agent.result import OptimizationResult
+from opro_agent.retrieval import (
+    LabelSettings,
+    RetrievedDemonstrations,
+    Retriever,
+    TrainSettings,
+    label_run,
+    train_retriever,
+)
 from opro_agent.settings import RunResources, SearchSettings
 from opro_agent.stats import Interval
 from opro_agent.store import DB_FILENAME, RunStore
@@ -133,6 +141,7 @@ def _build_parser() -> _Parser:
         action="store_true",
         help="OPRO: race candidates on growing subsets of the train split (successive halving)",
     )
+    _add_retriever_flags(opt)
     opt.add_argument(
         "--dry-run", action="store_true", help="print projected calls, tokens and cost; stop"
     )
@@ -175,8 +184,46 @@ def _build_parser() -> _Parser:
         "--split", choices=("train", "validation", "test"), default="test", help="default test"
     )
     _add_model_flags(ev, roles=("scorer",))
+    _add_retriever_flags(ev)
     ev.add_argument("--json", action="store_true", help="print a JSON object")
     ev.set_defaults(handler=_cmd_evaluate)
+
+    retriever = commands.add_parser(
+        "retriever", help="prompt retrieval: train a demonstration retriever (UPRISE)"
+    )
+    retriever_commands = retriever.add_subparsers(
+        dest="retriever_command", required=True, metavar="COMMAND"
+    )
+    train = retriever_commands.add_parser(
+        "train", help="label demonstrations with the scorer and train a retriever on them"
+    )
+    train.add_argument(
+        "--tasks", nargs="+", required=True, metavar="TASK", help="task YAMLs (train splits)"
+    )
+    train.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to save it")
+    train.add_argument("--resume", metavar="RUN", help="continue a stopped labelling run")
+    train.add_argument(
+        "--inputs-per-task", type=_positive_int, default=20, help="inputs labelled per task (20)"
+    )
+    train.add_argument(
+        "--candidates", type=_positive_int, default=8, help="demonstrations scored per input (8)"
+    )
+    train.add_argument(
+        "--epochs", type=_non_negative_int, default=2, help="0: the untrained encoder (2)"
+    )
+    train.add_argument("--batch-size", type=_positive_int, default=8, help="(8)")
+    train.add_argument("--learning-rate", type=_positive_float, default=2e-5, help="(2e-5)")
+    train.add_argument("--seed", type=_non_negative_int, default=0, help="(0)")
+    train.add_argument(
+        "--label-by",
+        choices=("logprob", "accuracy"),
+        default="logprob",
+        help="rank candidates by the gold answer's log probability (where the scorer "
+        "returns it) or by right answers only (logprob)",
+    )
+    train.add_argument("--max-calls", type=_positive_int, help="stop labelling after N calls")
+    _add_model_flags(train, roles=("scorer",))
+    train.set_defaults(handler=_cmd_retriever_train)
 
     runs = commands.add_parser("runs", help="list and inspect stored runs")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
@@ -292,6 +339,29 @@ def _log_to_mlflow(uri: str | None, result: OptimizationResult, store: RunStore)
         tracking.log_run(result, store, tracking_uri=uri)
 
 
+def _add_retriever_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--retriever",
+        type=Path,
+        metavar="DIR",
+        help="show each question K demonstrations picked by this retriever",
+    )
+    parser.add_argument(
+        "--k", type=_positive_int, default=3, help="demonstrations per question (3)"
+    )
+
+
+def _demonstrations(
+    folder: Path | str | None, k: int, task: Task
+) -> RetrievedDemonstrations | None:
+    if folder is None:
+        return None
+    try:
+        return RetrievedDemonstrations(Retriever.load(folder), task.input_fields, k)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), field="--retriever" if exc.field is None else "--k") from exc
+
+
 def _add_model_flags(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
     for role in roles:
         parser.add_argument(
@@ -331,6 +401,8 @@ class _OptimizeJob:
     scorer_url: str | None
     local_model: Path | None
     resume: str | None
+    retriever: str | None = None
+    k: int = 3
 
     def run_metadata(self) -> dict[str, Any]:
         return {
@@ -340,6 +412,8 @@ class _OptimizeJob:
                 "optimizer_base_url": redact_url(self.optimizer_url),
                 "scorer_base_url": redact_url(self.scorer_url),
                 "local_model": str(self.local_model) if self.local_model else None,
+                "retriever": self.retriever,
+                "k": self.k,
             }
         }
 
@@ -456,6 +530,8 @@ def _job_from_flags(args: argparse.Namespace) -> _OptimizeJob:
         scorer_url=args.scorer_base_url,
         local_model=args.local_model,
         resume=None,
+        retriever=str(args.retriever.resolve()) if args.retriever else None,
+        k=args.k,
     )
 
 
@@ -481,6 +557,8 @@ def _job_from_run(store: RunStore, args: argparse.Namespace) -> _OptimizeJob:
         scorer_url=args.scorer_base_url or stored.get("scorer_base_url"),
         local_model=Path(local_model) if local_model else None,
         resume=run.id,
+        retriever=stored.get("retriever"),
+        k=stored.get("k", 3),
     )
 
 
@@ -535,6 +613,7 @@ class _Session:
             store=store,
             run_metadata={**job.run_metadata(), "models": identities},
             seed_optimizer_calls=specs["optimizer"].accepts_seed,
+            demonstrations=_demonstrations(job.retriever, job.k, job.task),
         )
 
 
@@ -796,6 +875,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     task = Task.from_yaml(args.task)
     spec = ModelSpec.parse(args.scorer or LOCAL, flag="--scorer")
     options = ModelOptions(0.0, task.answer_max_tokens, args.scorer_base_url)
+    demonstrations = _demonstrations(args.retriever, args.k, task)
     with Models(log_dir=args.run_dir, local_model=args.local_model) as models:
         model = models.chat_model(spec, options, flag="--scorer")
         scored = asyncio.run(
@@ -811,6 +891,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                     identities={"scorer": json.dumps(models.identity(spec, options))},
                     rate_limit_errors=rate_limit_errors(),
                 ),
+                demonstrations=demonstrations,
             )
         )
     failed = sum(1 for r in scored.results.values() if r.error)
@@ -824,6 +905,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                     "score": scored.score,
                     "examples": len(scored.results),
                     "failed": failed,
+                    "retriever": None if demonstrations is None else repr(demonstrations),
                 },
                 ensure_ascii=False,
             )
@@ -833,6 +915,67 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"{task.name} {args.split}: {scored.score:.3f} "
             f"({len(scored.results)} examples, {failed} failed calls)"
         )
+    return 0
+
+
+def _cmd_retriever_train(args: argparse.Namespace) -> int:
+    tasks = [Task.from_yaml(path) for path in args.tasks]
+    # A saved retriever may be replaced; a folder of anything else is not overwritten.
+    replaceable = args.out.is_dir() and (
+        (args.out / "retriever.json").exists() or not any(args.out.iterdir())
+    )
+    if args.out.exists() and not replaceable:
+        raise ConfigError(f"{args.out} exists and is not a saved retriever", field="--out")
+    labels = LabelSettings(args.inputs_per_task, args.candidates, args.seed)
+    training = TrainSettings(args.epochs, args.batch_size, args.learning_rate, args.seed)
+    if args.epochs == 0:
+        retriever = train_retriever(tasks, training=training)
+    else:
+        store = RunStore.open(args.run_dir)
+        run_id = label_run(store, tasks, labels, args.resume)
+        spec = ModelSpec.parse(args.scorer or LOCAL, flag="--scorer")
+        options = ModelOptions(
+            0.0,
+            max(task.answer_max_tokens for task in tasks),
+            args.scorer_base_url,
+            top_logprobs=SCORER_TOP_LOGPROBS if args.label_by == "logprob" else None,
+        )
+        with Models(log_dir=args.run_dir, local_model=args.local_model) as models:
+            try:
+                retriever = train_retriever(
+                    tasks,
+                    models.chat_model(spec, options, flag="--scorer"),
+                    labels=labels,
+                    training=training,
+                    store=store,
+                    run_id=run_id,
+                    resources=RunResources(
+                        cache=None if args.no_cache else ResponseCache.open(args.cache_dir),
+                        rate_limits=_rate_limits(args),
+                        identities={"scorer": json.dumps(models.identity(spec, options))},
+                        rate_limit_errors=rate_limit_errors(),
+                    ),
+                    budget=Budget(max_calls=args.max_calls),
+                    concurrency=args.concurrency or 8,
+                )
+            except (KeyboardInterrupt, OproError) as exc:
+                if not isinstance(exc, ConfigError):
+                    print(
+                        f"labelling run {run_id} stopped; everything so far is saved. Continue "
+                        f"with: opro-agent retriever train ... --resume {run_id} "
+                        f"--run-dir {args.run_dir}",
+                        file=sys.stderr,
+                    )
+                raise
+    retriever.save(args.out)
+    labelled = retriever.info.get("labels", {})
+    how = (
+        f"trained on {labelled['informative']} of {labelled['labelled']} labelled inputs "
+        f"({labelled['by_logprob']} by logprob)"
+        if retriever.trained
+        else "untrained (the base encoder's nearest neighbours)"
+    )
+    print(f"retriever: {len(retriever.pool)} demonstrations, {how}; saved to {args.out}")
     return 0
 
 

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import structlog
+from langchain_core.example_selectors import BaseExampleSelector
 from langchain_core.load import dumpd
 from langchain_core.runnables import Runnable, RunnableConfig
 
@@ -23,6 +24,7 @@ from opro_agent.budget import Meter, spend_from_usage
 from opro_agent.candidates import normalise_instruction
 from opro_agent.errors import ConfigError, RunStoreError
 from opro_agent.llm_calls import Caller, CallPolicy, RetryPolicy
+from opro_agent.prompts import Demonstrations
 from opro_agent.result import OptimizationResult
 from opro_agent.scorer import InstructionScore, Scorer, TargetKind
 from opro_agent.search import Search
@@ -32,7 +34,7 @@ from opro_agent.strategies import Strategy, StrategySpec, make_strategy
 from opro_agent.strategies.registry import split_run_config
 from opro_agent.task import Task
 
-__all__ = ["OproOptimizer", "evaluate_instruction", "model_identity", "run_sync"]
+__all__ = ["OproOptimizer", "call_policy", "evaluate_instruction", "model_identity", "run_sync"]
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -70,7 +72,7 @@ def _target(
     raise ConfigError("give exactly one of scorer (a chat model) or target (a chain)")
 
 
-def _policy(
+def call_policy(
     role: str,
     runnable: Runnable[Any, Any],
     resources: RunResources,
@@ -79,6 +81,8 @@ def _policy(
     *,
     cacheable: bool = True,
 ) -> CallPolicy:
+    """How a role's calls are made: retries, rate limits, cache (with the model's identity in
+    its keys, so a different model never gets another's answers), budget and price."""
     identity = None
     if resources.cache is not None and cacheable:
         identity = resources.identities.get(role) or model_identity(runnable)
@@ -93,6 +97,16 @@ def _policy(
     )
 
 
+def _demonstrations_config(demonstrations: Demonstrations | None) -> dict[str, Any]:
+    """What a run's answers depend on besides the instruction: the fixed demonstrations'
+    ids, or the example selector's repr (a retriever's says its index and K)."""
+    if demonstrations is None:
+        return {}
+    if isinstance(demonstrations, BaseExampleSelector):
+        return {"demonstrations": repr(demonstrations)}
+    return {"demonstrations": [d.id for d in demonstrations]}
+
+
 class OproOptimizer(Runnable[Task, OptimizationResult]):
     """Finds the instruction that makes the scorer answer a task best.
 
@@ -102,6 +116,8 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
     `ape`, or one a plugin registers), a mapping with `name` and settings, or a strategy
     object such as `Ape(mode="reverse")`. `seed_optimizer_calls` passes each optimizer call
     its own `seed` (for OpenAI-compatible models), so sampling is reproducible call by call.
+    `demonstrations` (fixed ones, or an example selector such as a trained retriever's) come
+    before every question the scorer answers, so the instruction is tuned together with them.
     """
 
     def __init__(
@@ -116,6 +132,7 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
         store: RunStore | None = None,
         run_metadata: Mapping[str, Any] | None = None,
         seed_optimizer_calls: bool = False,
+        demonstrations: Demonstrations | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.target, self.target_kind = _target(scorer, target)
@@ -125,6 +142,7 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
         self.store = store
         self.run_metadata = dict(run_metadata or {})
         self.seed_optimizer_calls = seed_optimizer_calls
+        self.demonstrations = demonstrations
 
     def compile(self, task: Task, *, run_id: str | None = None) -> OptimizationResult:
         """DSPy-style alias of `invoke`."""
@@ -183,6 +201,7 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
             "strategy": self.strategy.to_dict(),
             "settings": self.settings.to_dict(),
             "target_kind": self.target_kind,
+            **_demonstrations_config(self.demonstrations),
             **self.run_metadata,
         }
         return store.create_run(task.name, config)
@@ -197,6 +216,10 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
         strategy, settings = split_run_config(run.config)
         if strategy != self.strategy.to_dict():
             raise RunStoreError(f"run {run.id} was made with a different strategy or settings")
+        if run.config.get("demonstrations") != _demonstrations_config(self.demonstrations).get(
+            "demonstrations"
+        ):
+            raise RunStoreError(f"run {run.id} was made with different demonstrations")
         if (
             SearchSettings.from_dict(settings).result_affecting()
             != self.settings.result_affecting()
@@ -215,14 +238,16 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
         proposer = Caller(
             self.optimizer,
             role="optimizer",
-            policy=_policy(
+            policy=call_policy(
                 "optimizer", self.optimizer, res, retry, meter, cacheable=self.seed_optimizer_calls
             ),
         )
         scorer = Scorer(
             task,
             Caller(
-                self.target, role="scorer", policy=_policy("scorer", self.target, res, retry, meter)
+                self.target,
+                role="scorer",
+                policy=call_policy("scorer", self.target, res, retry, meter),
             ),
             self.target_kind,
             store=store,
@@ -230,6 +255,7 @@ class OproOptimizer(Runnable[Task, OptimizationResult]):
             concurrency=self.settings.concurrency,
             failure_threshold=self.settings.failure_threshold,
             config=config,
+            demonstrations=self.demonstrations,
         )
         return Search(
             task=task,
@@ -258,8 +284,10 @@ async def evaluate_instruction(
     resources: RunResources | None = None,
     retry: RetryPolicy | None = None,
     config: RunnableConfig | None = None,
+    demonstrations: Demonstrations | None = None,
 ) -> InstructionScore:
-    """Score one instruction on one split of a task, without optimizing."""
+    """Score one instruction on one split of a task, without optimizing; `demonstrations`
+    (fixed, or an example selector) come before each question."""
     runnable, kind = _target(scorer, target)
     res = resources or RunResources()
     store = RunStore(":memory:")
@@ -270,13 +298,14 @@ async def evaluate_instruction(
         Caller(
             runnable,
             role="scorer",
-            policy=_policy("scorer", runnable, res, retry or RetryPolicy(), meter),
+            policy=call_policy("scorer", runnable, res, retry or RetryPolicy(), meter),
         ),
         kind,
         store=store,
         run_id=run_id,
         concurrency=concurrency,
         config=config,
+        demonstrations=demonstrations,
     )
     return await evaluator.score(
         normalise_instruction(instruction), task.splits().get(split), split, step=-1

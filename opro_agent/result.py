@@ -8,7 +8,7 @@ from typing import Any
 
 from langchain_core.prompts import ChatPromptTemplate
 
-from opro_agent.prompts import InstructionPosition, scorer_prompt
+from opro_agent.prompts import Demonstrations, InstructionPosition, scorer_prompt
 from opro_agent.stats import Interval, PairedTest
 
 __all__ = ["HistoryEntry", "OptimizationResult"]
@@ -60,9 +60,17 @@ class OptimizationResult:
             return None
         return test - max(self.baselines.values())
 
-    def to_prompt_template(self) -> ChatPromptTemplate:
-        """The exact prompt the scorer saw for the winner; its variables are the input fields."""
-        return scorer_prompt(self.best_instruction, self.instruction_position, self.input_fields)
+    def to_prompt_template(
+        self, demonstrations: Demonstrations | None = None
+    ) -> ChatPromptTemplate:
+        """The exact prompt the scorer saw for the winner; its variables are the input fields.
+
+        A run that scored with demonstrations (`OproOptimizer(demonstrations=...)`) needs the
+        same ones here to reproduce its prompts.
+        """
+        return scorer_prompt(
+            self.best_instruction, self.instruction_position, self.input_fields, demonstrations
+        )
 
     def summary(self) -> dict[str, Any]:
         """The JSON summary the CLI prints."""

@@ -19,7 +19,7 @@ from opro_agent.candidates import instruction_key
 from opro_agent.errors import BudgetExceededError, ConfigError, LLMCallsFailingError
 from opro_agent.llm_calls import Caller
 from opro_agent.logprobs import MIN_LOGPROB, gold_logprob, mean_logprob
-from opro_agent.prompts import scorer_prompt
+from opro_agent.prompts import Demonstration, Demonstrations, scorer_prompt
 from opro_agent.store import Evaluation, RunStore
 from opro_agent.task import Example, Task
 
@@ -69,7 +69,9 @@ class Scorer:
     """Scores instructions on a task's examples; `kind` says how the target is called.
 
     A chat model gets the scorer prompt's messages; a chain gets a dict with `instruction`
-    and the task's input fields.
+    and the task's input fields. `demonstrations` (fixed, or an example selector that picks
+    them for each input, see `opro_agent.retrieval`) come before every question; `score`
+    can add fixed `shots` of its own too (how a retriever's training labels are made).
     """
 
     def __init__(
@@ -84,7 +86,10 @@ class Scorer:
         failure_threshold: float = 0.2,
         min_failures: int = 5,
         config: RunnableConfig | None = None,
+        demonstrations: Demonstrations | None = None,
     ) -> None:
+        if demonstrations is not None and kind != "chat_model":
+            raise ConfigError("demonstrations need a chat model as the scorer, not a chain")
         self.task = task
         self._caller = caller
         self._kind = kind
@@ -94,27 +99,42 @@ class Scorer:
         self._failure_threshold = failure_threshold
         self._min_failures = min_failures
         self._config = config
-        self._templates: dict[str, ChatPromptTemplate] = {}
+        self._demonstrations = demonstrations
+        self._templates: dict[tuple[str, tuple[Demonstration, ...]], ChatPromptTemplate] = {}
         self.attempted = 0
         self.failed = 0
 
-    def prompt_template(self, instruction: str) -> ChatPromptTemplate:
-        template = self._templates.get(instruction)
+    def prompt_template(
+        self, instruction: str, shots: Sequence[Demonstration] = ()
+    ) -> ChatPromptTemplate:
+        template = self._templates.get((instruction, tuple(shots)))
         if template is None:
+            demonstrations = tuple(shots) if shots else self._demonstrations
             template = scorer_prompt(
-                instruction, self.task.instruction_position, self.task.input_fields
+                instruction,
+                self.task.instruction_position,
+                self.task.input_fields,
+                demonstrations,
             )
-            self._templates[instruction] = template
+            self._templates[instruction, tuple(shots)] = template
         return template
 
     async def score(
-        self, instruction: str, examples: Sequence[Example], split: str, *, step: int
+        self,
+        instruction: str,
+        examples: Sequence[Example],
+        split: str,
+        *,
+        step: int,
+        shots: Sequence[Demonstration] = (),
     ) -> InstructionScore:
         key = instruction_key(instruction)
+        if shots:
+            key += "|" + ",".join(d.id for d in shots)
         stored = self._store.evaluations(self._run_id, key)
         missing = [e for e in examples if e.id not in stored]
         fresh = await gather_all(
-            self._evaluate(instruction, key, example, split, step) for example in missing
+            self._evaluate(instruction, key, example, split, step, shots) for example in missing
         )
         results = {e.id: stored[e.id] for e in examples if e.id in stored}
         results.update((r.example_id, r) for r in fresh)
@@ -126,11 +146,17 @@ class Scorer:
         return await gather_all(self.score(i, examples, split, step=step) for i in instructions)
 
     async def _evaluate(
-        self, instruction: str, key: str, example: Example, split: str, step: int
+        self,
+        instruction: str,
+        key: str,
+        example: Example,
+        split: str,
+        step: int,
+        shots: Sequence[Demonstration],
     ) -> Evaluation:
         payload: Any
         if self._kind == "chat_model":
-            payload = self.prompt_template(instruction).format_messages(**example.inputs)
+            payload = self.prompt_template(instruction, shots).format_messages(**example.inputs)
         else:
             payload = {"instruction": instruction, **example.inputs}
         metadata = {
