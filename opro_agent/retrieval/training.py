@@ -119,6 +119,7 @@ def train_encoder(rows: Sequence[LabelledInput], settings: TrainSettings) -> Any
     )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+    from transformers import PrinterCallback
 
     data = Dataset.from_dict(
         {
@@ -128,7 +129,8 @@ def train_encoder(rows: Sequence[LabelledInput], settings: TrainSettings) -> Any
         }
     )
     model = bi_encoder()
-    model.model_card_data.generate_widget_examples = False  # it prints a progress bar
+    # A widget already set skips the model card's widget pass, which draws a progress bar.
+    model.model_card_data.widget = [{"text": rows[0].question}]
     with tempfile.TemporaryDirectory(prefix="opro-retriever-") as scratch:
         args = SentenceTransformerTrainingArguments(
             output_dir=scratch,
@@ -152,6 +154,7 @@ def train_encoder(rows: Sequence[LabelledInput], settings: TrainSettings) -> Any
             train_dataset=data,
             loss=MultipleNegativesRankingLoss(model),
         )
+        trainer.remove_callback(PrinterCallback)  # it prints metrics to stdout; we log them
         output = trainer.train()
     log.info("retriever.trained", rows=len(rows), loss=round(float(output.training_loss), 4))
     return model
