@@ -128,6 +128,11 @@ needs_llama = pytest.mark.skipif(
     reason="llama_cpp is not installed (pip install -e '.[local]')",
 )
 
+needs_retrieval = pytest.mark.skipif(
+    importlib.util.find_spec("sentence_transformers") is None,
+    reason="the retrieval extra is not installed (pip install -e '.[retrieval]')",
+)
+
 
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:

@@ -12,7 +12,7 @@ import pytest
 from opro_agent.cli import main
 from opro_agent.local_server import LocalServer
 from opro_agent.store import RunStore
-from tests.conftest import needs_llama
+from tests.conftest import needs_llama, needs_retrieval
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 CI_RUN = Path(__file__).resolve().parents[1] / ".ci" / "run"
@@ -46,17 +46,20 @@ def test_tasks_validate_example(
 
 @pytest.mark.integration
 @needs_llama
+@needs_retrieval
 def test_python_examples_run_on_the_embedded_model(
     embedded_server: LocalServer,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # the retrieval example saves a retriever here
     # The examples name an OpenAI model; an OpenAI-compatible server answers them here.
     monkeypatch.setenv("OPENAI_BASE_URL", embedded_server.base_url)
     monkeypatch.setenv("OPENAI_API_KEY", "unused")
     namespace: dict[str, object] = {}
     blocks = _blocks("python")
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
     printed = capsys.readouterr().out.strip()
@@ -67,6 +70,11 @@ def test_python_examples_run_on_the_embedded_model(
     ape_result = namespace["ape_result"]
     assert ape_result.strategy == "ape"  # type: ignore[attr-defined]
     assert {h.kind for h in ape_result.history} >= {"initial", "reverse"}  # type: ignore[attr-defined]
+    retriever = namespace["retriever"]
+    assert retriever.trained and retriever.info["labels"]["labelled"] > 0  # type: ignore[attr-defined]
+    assert (tmp_path / "facts-retriever" / "retriever.json").is_file()
+    assert namespace["answer"].content  # type: ignore[attr-defined]
+    assert namespace["with_demos"].demonstrations is namespace["selector"]  # type: ignore[attr-defined]
 
 
 def test_the_readme_compare_command_runs(

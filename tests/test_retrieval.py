@@ -4,8 +4,8 @@ assembly, the example selector against the evaluated prompt, and the CLI's input
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from opro_agent.cli import main
 from opro_agent.errors import ConfigError, RunStoreError
 from opro_agent.optimizer import evaluate_instruction
 from opro_agent.prompts import Demonstration, scorer_prompt
+from opro_agent.providers import ModelOptions, Models, ModelSpec
 from opro_agent.retrieval import (
     LabelSettings,
     PromptPool,
@@ -32,13 +33,8 @@ from opro_agent.retrieval import (
 from opro_agent.retrieval.training import _label
 from opro_agent.settings import RunResources
 from opro_agent.store import RunStore
-from tests.conftest import FAST_OPRO, even_numbers_task
+from tests.conftest import FAST_OPRO, even_numbers_task, needs_retrieval
 from tests.fakes import ScriptedChatModel
-
-needs_retrieval = pytest.mark.skipif(
-    importlib.util.find_spec("sentence_transformers") is None,
-    reason="the retrieval extra is not installed (pip install -e '.[retrieval]')",
-)
 
 COLOURS = [(f"What colour is a {thing}?", colour) for thing, colour in [
     ("banana", "yellow"), ("leaf", "green"), ("sky", "blue"), ("cherry", "red"),
@@ -436,3 +432,64 @@ def test_cli_untrained_retriever_then_evaluate_with_it(
     (scorer,) = fake_models["--scorer"]
     assert len(scorer.calls) == 30
     assert all(c["prompt"].count("Q: ") == 3 for c in scorer.calls)  # 2 shots and the question
+
+
+@needs_retrieval
+def test_the_readme_optimize_with_a_retriever_command_runs(
+    task_file: Path,
+    tmp_path: Path,
+    fake_models: dict[str, list[ScriptedChatModel]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The README's `optimize --retriever` command as printed, on scripted models and the
+    conftest task (the embedded model trains and evaluates in test_retrieval_e2e.py)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(
+        line for line in readme.splitlines() if line.startswith("opro-agent optimize tasks/pick")
+    )
+    argv = shlex.split(line)[1:]
+    out = tmp_path / "my-retriever"
+    assert main(["retriever", "train", "--tasks", str(task_file), "--out", str(out),
+                 "--epochs", "0"]) == 0  # fmt: skip
+    argv = [str(task_file) if a.endswith(".yaml") else str(out) if a == "my-retriever" else a
+            for a in argv]  # fmt: skip
+    assert main([*argv, "--run-dir", str(tmp_path / "runs"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["scores"]["test"] is not None
+    run = RunStore.open(tmp_path / "runs").get_run(result["run_id"])
+    assert run.config["demonstrations"].startswith("RetrievedDemonstrations(Retriever(untrained")
+    assert run.config["cli"]["retriever"] == str(out.resolve())
+    (scorer,) = fake_models["--scorer"]
+    assert all(c["prompt"].count("Q: ") == 4 for c in scorer.calls)  # k=3 and the question
+
+
+@needs_retrieval
+def test_cli_labelling_stopped_by_the_budget_resumes_where_it_stopped(
+    task_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built: list[ScriptedChatModel] = []
+
+    def chat_model(self: Models, spec: ModelSpec, options: ModelOptions, *, flag: str) -> Any:
+        built.append(ScriptedChatModel(respond=_helpful_reply))
+        return built[-1]
+
+    monkeypatch.setattr(Models, "chat_model", chat_model)
+    out, runs = tmp_path / "r", tmp_path / "runs"
+    argv = ["retriever", "train", "--tasks", str(task_file), "--out", str(out),
+            "--inputs-per-task", "4", "--candidates", "3", "--epochs", "1",
+            "--label-by", "accuracy", "--run-dir", str(runs),
+            # One at a time: calls in flight when the budget stops a batch are not stored.
+            "--concurrency", "1"]  # fmt: skip
+    assert main([*argv, "--max-calls", "5"]) == 1
+    err = capsys.readouterr().err
+    (run,) = RunStore.open(runs).list_runs()
+    assert f"--resume {run.id}" in err and "Traceback" not in err
+    assert not out.exists()
+    assert main([*argv, "--resume", run.id]) == 0
+    calls = sum(len(m.calls) for m in built)
+    assert calls == 4 * 3  # none paid twice
+    assert RunStore.open(runs).get_run(run.id).status == "done"
+    assert json.loads((out / "retriever.json").read_text())["labels"]["run_id"] == run.id
