@@ -41,6 +41,7 @@ from opro_agent.providers import (
 from opro_agent.reports import RunReport, RunsComparison
 from opro_agent.result import OptimizationResult
 from opro_agent.retrieval import (
+    LABEL_RUN_KIND,
     LabelSettings,
     RetrievedDemonstrations,
     Retriever,
@@ -537,6 +538,12 @@ def _job_from_flags(args: argparse.Namespace) -> _OptimizeJob:
 
 def _job_from_run(store: RunStore, args: argparse.Namespace) -> _OptimizeJob:
     run = store.get_run(args.resume)
+    if run.config.get("kind") == LABEL_RUN_KIND:
+        raise ConfigError(
+            f"run {run.id} labels a retriever: continue it with "
+            f"opro-agent retriever train --tasks ... --resume {run.id}",
+            field="--resume",
+        )
     stored = run.config.get("cli", {})
     task_path = args.task or run.config.get("task_path")
     if not task_path:

@@ -493,3 +493,8 @@ def test_cli_labelling_stopped_by_the_budget_resumes_where_it_stopped(
     assert calls == 4 * 3  # none paid twice
     assert RunStore.open(runs).get_run(run.id).status == "done"
     assert json.loads((out / "retriever.json").read_text())["labels"]["run_id"] == run.id
+    capsys.readouterr()
+    assert main(["optimize", "--resume", run.id, "--run-dir", str(runs)]) == 2
+    assert "labels a retriever: continue it with opro-agent retriever train" in (
+        capsys.readouterr().err
+    )

@@ -12,9 +12,15 @@ from opro_agent.retrieval.labels import CandidateScore, LabelledInput, LabelSett
 from opro_agent.retrieval.pool import PromptPool, build_pool
 from opro_agent.retrieval.retriever import Retriever
 from opro_agent.retrieval.selectors import RandomDemonstrations, RetrievedDemonstrations
-from opro_agent.retrieval.training import TrainSettings, label_run, train_retriever
+from opro_agent.retrieval.training import (
+    LABEL_RUN_KIND,
+    TrainSettings,
+    label_run,
+    train_retriever,
+)
 
 __all__ = [
+    "LABEL_RUN_KIND",
     "CandidateScore",
     "LabelSettings",
     "LabelledInput",

@@ -33,10 +33,10 @@ from opro_agent.settings import RunResources
 from opro_agent.store import RunStore
 from opro_agent.task import Task
 
-__all__ = ["TrainSettings", "label_run", "train_encoder", "train_retriever"]
+__all__ = ["LABEL_RUN_KIND", "TrainSettings", "label_run", "train_encoder", "train_retriever"]
 
 log = structlog.get_logger()
-RUN_KIND = "retriever-labels"
+LABEL_RUN_KIND = "retriever-labels"
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class TrainSettings:
 
 def _run_config(tasks: Sequence[Task], pool: PromptPool, labels: LabelSettings) -> dict[str, Any]:
     return {
-        "kind": RUN_KIND,
+        "kind": LABEL_RUN_KIND,
         "tasks": {task.name: task.fingerprint() for task in tasks},
         "pool": pool.fingerprint(),
         "labels": labels.to_dict(),
