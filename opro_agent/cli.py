@@ -10,7 +10,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,7 @@ from opro_agent.providers import (
     rate_limit_errors,
     redact_url,
 )
+from opro_agent.ray_pool import PoolSettings, check_address, pool_settings
 from opro_agent.reports import RunReport, RunsComparison
 from opro_agent.result import OptimizationResult
 from opro_agent.settings import RunResources, SearchSettings
@@ -107,6 +108,7 @@ def _build_parser() -> _Parser:
     opt.add_argument("task", nargs="?", help="task YAML (optional with --resume)")
     opt.add_argument("--resume", metavar="RUN", help="continue a stopped run")
     _add_model_flags(opt, roles=("optimizer", "scorer"))
+    _add_executor_flags(opt)
     _add_search_flags(opt)
     opt.add_argument(
         "--strategy", help="search strategy: opro (default), ape, or one a plugin adds"
@@ -163,6 +165,7 @@ def _build_parser() -> _Parser:
         help="a setting of one strategy, e.g. -S protegi.beam=2 (repeatable)",
     )
     _add_model_flags(cmp, roles=("optimizer", "scorer"))
+    _add_executor_flags(cmp)
     _add_search_flags(cmp)
     cmp.add_argument("--json", action="store_true", help="end stdout with a JSON object")
     _add_mlflow_flag(cmp)
@@ -175,6 +178,7 @@ def _build_parser() -> _Parser:
         "--split", choices=("train", "validation", "test"), default="test", help="default test"
     )
     _add_model_flags(ev, roles=("scorer",))
+    _add_executor_flags(ev)
     ev.add_argument("--json", action="store_true", help="print a JSON object")
     ev.set_defaults(handler=_cmd_evaluate)
 
@@ -312,6 +316,50 @@ def _add_model_flags(parser: argparse.ArgumentParser, roles: Sequence[str]) -> N
     )
     parser.add_argument(
         "--run-dir", type=Path, default=Path("runs"), help="where runs are stored (./runs)"
+    )
+
+
+def _ray_address(text: str) -> str:
+    try:
+        return check_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_executor_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    parser.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: serve the local model from replicas on a Ray cluster (the ray extra)"
+        if not sweep
+        else "ray: one Ray task per run; local: a pool of processes on this machine",
+    )
+    parser.add_argument(
+        "--ray-address",
+        type=_ray_address,
+        metavar="ADDR",
+        help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: start a local one)",
+    )
+    if not sweep:
+        parser.add_argument(
+            "--replicas", type=_positive_int, help="model-server replicas on Ray (default 2)"
+        )
+    parser.add_argument(
+        "--replica-cpus",
+        type=_positive_float,
+        metavar="C",
+        help="CPUs per model server on Ray (default 1)",
+    )
+
+
+def _pool(args: argparse.Namespace, specs: Iterable[ModelSpec]) -> PoolSettings | None:
+    return pool_settings(
+        args.executor,
+        address=args.ray_address,
+        replicas=args.replicas,
+        replica_cpus=args.replica_cpus,
+        serves_local=any(spec.provider == LOCAL for spec in specs),
     )
 
 
@@ -558,9 +606,10 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         _print_estimate(job, session.prices, as_json=args.json)
         return 0
     mlflow_uri = _mlflow_uri(args)
+    pool = _pool(args, session.specs.values())
     store = store or RunStore.open(args.run_dir)
     with (
-        Models(log_dir=args.run_dir, local_model=job.local_model) as models,
+        Models(log_dir=args.run_dir, local_model=job.local_model, pool=pool) as models,
         _progress(enabled=not args.json and sys.stdout.isatty()) as observer,
     ):
         result = _run(session.optimizer(models, job, args, store, observer), job, args.run_dir)
@@ -610,9 +659,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     logprobs = any(s.needs_logprobs for s in strategies)
     session = _Session.from_job(args, jobs[strategies[0].name][0], logprobs=logprobs)
     mlflow_uri = _mlflow_uri(args)
+    pool = _pool(args, session.specs.values())
     store = RunStore.open(args.run_dir)
     results: dict[str, list[OptimizationResult]] = {}
-    with Models(log_dir=args.run_dir, local_model=args.local_model) as models:
+    with Models(log_dir=args.run_dir, local_model=args.local_model, pool=pool) as models:
         for name, runs in jobs.items():
             for job in runs:
                 optimizer = session.optimizer(models, job, args, store, None)
@@ -796,7 +846,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     task = Task.from_yaml(args.task)
     spec = ModelSpec.parse(args.scorer or LOCAL, flag="--scorer")
     options = ModelOptions(0.0, task.answer_max_tokens, args.scorer_base_url)
-    with Models(log_dir=args.run_dir, local_model=args.local_model) as models:
+    pool = _pool(args, [spec])
+    with Models(log_dir=args.run_dir, local_model=args.local_model, pool=pool) as models:
         model = models.chat_model(spec, options, flag="--scorer")
         scored = asyncio.run(
             evaluate_instruction(
