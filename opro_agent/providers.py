@@ -225,7 +225,10 @@ class Models:
         if self._server is None:
             model_path = self._model_path()
             # 4096 tokens of context: a meta-prompt with 20 past instructions fits easily.
-            server = LocalServer(model_path, self._log_dir / "llama-server.log", n_ctx=4096)
+            # Killed with us, even by SIGKILL: it must not outlive the run it serves.
+            server = LocalServer(
+                model_path, self._log_dir / "llama-server.log", n_ctx=4096, die_with_parent=True
+            )
             self._stack.enter_context(server)
             self._server = server
         return self._server
