@@ -6,6 +6,7 @@ per-call arguments (such as a sampling seed), so an identical call is never paid
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,7 +46,10 @@ class ResponseCache:
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            # Shared by every process of a sweep: wait for another writer's commit.
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=60.0
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
@@ -55,7 +59,8 @@ class ResponseCache:
             )
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(responses)")}
             if "logprobs" not in columns:  # caches written before log probabilities were kept
-                self._db.execute("ALTER TABLE responses ADD COLUMN logprobs TEXT")
+                with contextlib.suppress(sqlite3.OperationalError):  # another process did it
+                    self._db.execute("ALTER TABLE responses ADD COLUMN logprobs TEXT")
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the response cache: {exc}", source=self.path) from None
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from opro_agent.budget import Budget
 from opro_agent.cache import ResponseCache
-from opro_agent.compare import render_table, summarise
+from opro_agent.compare import RunSummary, render_table, summarise
 from opro_agent.errors import ConfigError, LLMCallsFailingError, OproError, RunStoreError
 from opro_agent.estimate import estimate_run
 from opro_agent.files import read_yaml
@@ -38,6 +40,7 @@ from opro_agent.providers import (
     rate_limit_errors,
     redact_url,
 )
+from opro_agent.ray_pool import PoolSettings, check_address, import_ray, pool_settings
 from opro_agent.reports import RunReport, RunsComparison
 from opro_agent.result import OptimizationResult
 from opro_agent.retrieval import (
@@ -54,6 +57,7 @@ from opro_agent.stats import Interval
 from opro_agent.store import DB_FILENAME, RunStore
 from opro_agent.strategies import Strategy, make_strategy
 from opro_agent.strategies.registry import split_run_config
+from opro_agent.sweep import SweepRun, run_signature, run_sweep
 from opro_agent.task import Task
 from opro_agent.tokens import tiktoken_available
 
@@ -116,6 +120,7 @@ def _build_parser() -> _Parser:
     opt.add_argument("task", nargs="?", help="task YAML (optional with --resume)")
     opt.add_argument("--resume", metavar="RUN", help="continue a stopped run")
     _add_model_flags(opt, roles=("optimizer", "scorer"))
+    _add_executor_flags(opt)
     _add_search_flags(opt)
     opt.add_argument(
         "--strategy", help="search strategy: opro (default), ape, or one a plugin adds"
@@ -154,29 +159,30 @@ def _build_parser() -> _Parser:
         "compare", help="run several strategies on a task with the same splits and budget"
     )
     cmp.add_argument("task", help="task YAML")
-    cmp.add_argument(
-        "--strategies",
-        required=True,
-        type=_names,
-        metavar="A,B",
-        help="strategies to compare, e.g. opro,ape",
-    )
-    cmp.add_argument(
-        "--seeds", type=_seeds, default=(0,), metavar="0,1,2", help="one run per seed (0)"
-    )
-    cmp.add_argument(
-        "-S",
-        "--strategy-setting",
-        action="append",
-        default=[],
-        metavar="STRATEGY.KEY=VALUE",
-        help="a setting of one strategy, e.g. -S protegi.beam=2 (repeatable)",
-    )
+    _add_comparison_flags(cmp)
     _add_model_flags(cmp, roles=("optimizer", "scorer"))
+    _add_executor_flags(cmp)
     _add_search_flags(cmp)
     cmp.add_argument("--json", action="store_true", help="end stdout with a JSON object")
     _add_mlflow_flag(cmp)
     cmp.set_defaults(handler=_cmd_compare)
+
+    sw = commands.add_parser(
+        "sweep", help="every task x strategy x seed as its own run, in parallel; one table"
+    )
+    sw.add_argument("tasks", nargs="+", metavar="TASK", help="task YAML files")
+    _add_comparison_flags(sw)
+    _add_model_flags(sw, roles=("optimizer", "scorer"))
+    _add_executor_flags(sw, sweep=True)
+    sw.add_argument(
+        "--max-parallel",
+        type=_positive_int,
+        metavar="N",
+        help="runs at once (default: local, one per CPU; ray, as many as the cluster fits)",
+    )
+    _add_search_flags(sw)
+    sw.add_argument("--json", action="store_true", help="end stdout with a JSON object")
+    sw.set_defaults(handler=_cmd_sweep)
 
     ev = commands.add_parser("evaluate", help="score one instruction on a split of a task")
     ev.add_argument("task", help="task YAML")
@@ -186,6 +192,7 @@ def _build_parser() -> _Parser:
     )
     _add_model_flags(ev, roles=("scorer",))
     _add_retriever_flags(ev)
+    _add_executor_flags(ev)
     ev.add_argument("--json", action="store_true", help="print a JSON object")
     ev.set_defaults(handler=_cmd_evaluate)
 
@@ -264,6 +271,27 @@ def _build_parser() -> _Parser:
     validate.add_argument("paths", nargs="+", metavar="TASK")
     validate.set_defaults(handler=_cmd_tasks_validate)
     return parser
+
+
+def _add_comparison_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--strategies",
+        required=True,
+        type=_names,
+        metavar="A,B",
+        help="strategies to compare, e.g. opro,ape",
+    )
+    parser.add_argument(
+        "--seeds", type=_seeds, default=(0,), metavar="0,1,2", help="one run per seed (0)"
+    )
+    parser.add_argument(
+        "-S",
+        "--strategy-setting",
+        action="append",
+        default=[],
+        metavar="STRATEGY.KEY=VALUE",
+        help="a setting of one strategy, e.g. -S protegi.beam=2 (repeatable)",
+    )
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -383,6 +411,50 @@ def _add_model_flags(parser: argparse.ArgumentParser, roles: Sequence[str]) -> N
     )
     parser.add_argument(
         "--run-dir", type=Path, default=Path("runs"), help="where runs are stored (./runs)"
+    )
+
+
+def _ray_address(text: str) -> str:
+    try:
+        return check_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_executor_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    parser.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: serve the local model from replicas on a Ray cluster (the ray extra)"
+        if not sweep
+        else "ray: one Ray task per run; local: a pool of processes on this machine",
+    )
+    parser.add_argument(
+        "--ray-address",
+        type=_ray_address,
+        metavar="ADDR",
+        help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: start a local one)",
+    )
+    if not sweep:
+        parser.add_argument(
+            "--replicas", type=_positive_int, help="model-server replicas on Ray (default 2)"
+        )
+    parser.add_argument(
+        "--replica-cpus",
+        type=_positive_float,
+        metavar="C",
+        help="CPUs per model server on Ray (default 1)",
+    )
+
+
+def _pool(args: argparse.Namespace, specs: Iterable[ModelSpec]) -> PoolSettings | None:
+    return pool_settings(
+        args.executor,
+        address=args.ray_address,
+        replicas=args.replicas,
+        replica_cpus=args.replica_cpus,
+        serves_local=any(spec.provider == LOCAL for spec in specs),
     )
 
 
@@ -594,6 +666,10 @@ class _Session:
         }
         return cls(specs, options, _prices(args, specs))
 
+    def identities(self, models: Models) -> dict[str, dict[str, Any]]:
+        """What identifies each role's model, as stored with a run."""
+        return {role: models.identity(self.specs[role], self.options[role]) for role in self.specs}
+
     def optimizer(
         self,
         models: Models,
@@ -603,7 +679,7 @@ class _Session:
         observer: _ProgressBar | None,
     ) -> OproOptimizer:
         specs, options = self.specs, self.options
-        identities = {role: models.identity(specs[role], options[role]) for role in specs}
+        identities = self.identities(models)
         return OproOptimizer(
             models.chat_model(specs["optimizer"], options["optimizer"], flag="--optimizer"),
             models.chat_model(specs["scorer"], options["scorer"], flag="--scorer"),
@@ -644,9 +720,10 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         _print_estimate(job, session.prices, as_json=args.json)
         return 0
     mlflow_uri = _mlflow_uri(args)
+    pool = _pool(args, session.specs.values())
     store = store or RunStore.open(args.run_dir)
     with (
-        Models(log_dir=args.run_dir, local_model=job.local_model) as models,
+        Models(log_dir=args.run_dir, local_model=job.local_model, pool=pool) as models,
         _progress(enabled=not args.json and sys.stdout.isatty()) as observer,
     ):
         result = _run(session.optimizer(models, job, args, store, observer), job, args.run_dir)
@@ -655,10 +732,9 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
-    task = Task.from_yaml(args.task)
-    config = _run_config(args.config)
-    # Unknown names and settings are found before any model server starts.
+def _compare_strategies(args: argparse.Namespace, task: Task, config: _RunConfig) -> list[Strategy]:
+    """The strategies of `--strategies` for a task, with their `-S STRATEGY.KEY=VALUE`
+    settings, checked against the task (before any model server starts)."""
     strategies = [_strategy(name, task, config, field="--strategies") for name in args.strategies]
     for dotted, value in _setting_pairs(args.strategy_setting):
         name, dot, key = dotted.partition(".")
@@ -672,33 +748,51 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             make_strategy(s, {key: value}, field="--strategy-setting") if s.name == name else s
             for s in strategies
         ]
+    for strategy in strategies:
+        strategy.check(task)
+    return strategies
+
+
+def _compare_job(
+    args: argparse.Namespace,
+    task: Task,
+    strategy: Strategy,
+    settings: SearchSettings,
+    resume: str | None = None,
+) -> _OptimizeJob:
+    """One run of `compare` or `sweep`: the models of the flags."""
+    return _OptimizeJob(
+        task=task,
+        strategy=strategy,
+        settings=settings,
+        optimizer=args.optimizer or LOCAL,
+        scorer=args.scorer or LOCAL,
+        optimizer_url=args.optimizer_base_url,
+        scorer_url=args.scorer_base_url,
+        local_model=args.local_model,
+        resume=resume,
+    )
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    task = Task.from_yaml(args.task)
+    config = _run_config(args.config)
+    strategies = _compare_strategies(args, task, config)
     settings = _search_settings(args, config)
     jobs = {
         strategy.name: [
-            _OptimizeJob(
-                task=task,
-                strategy=strategy,
-                settings=settings.replace(seed=seed),
-                optimizer=args.optimizer or LOCAL,
-                scorer=args.scorer or LOCAL,
-                optimizer_url=args.optimizer_base_url,
-                scorer_url=args.scorer_base_url,
-                local_model=args.local_model,
-                resume=None,
-            )
-            for seed in args.seeds
+            _compare_job(args, task, strategy, settings.replace(seed=seed)) for seed in args.seeds
         ]
         for strategy in strategies
     }
-    for strategy in strategies:
-        strategy.check(task)
     # One scorer for every strategy: with log probabilities if any strategy ranks by them.
     logprobs = any(s.needs_logprobs for s in strategies)
     session = _Session.from_job(args, jobs[strategies[0].name][0], logprobs=logprobs)
     mlflow_uri = _mlflow_uri(args)
+    pool = _pool(args, session.specs.values())
     store = RunStore.open(args.run_dir)
-    results: dict[str, list[OptimizationResult]] = {}
-    with Models(log_dir=args.run_dir, local_model=args.local_model) as models:
+    results: dict[str, list[RunSummary]] = {}
+    with Models(log_dir=args.run_dir, local_model=args.local_model, pool=pool) as models:
         for name, runs in jobs.items():
             for job in runs:
                 optimizer = session.optimizer(models, job, args, store, None)
@@ -707,7 +801,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                     "compare.run_done", strategy=name, seed=job.settings.seed, run_id=result.run_id
                 )
                 _log_to_mlflow(mlflow_uri, result, store)
-                results.setdefault(name, []).append(result)
+                results.setdefault(name, []).append(result.summary())
     summaries = summarise(results)
     if args.json:
         print(
@@ -727,6 +821,101 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         )
         print(render_table(summaries))
     return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    if args.executor == "ray":
+        import_ray()
+    for flag, value in (("--ray-address", args.ray_address), ("--replica-cpus", args.replica_cpus)):
+        if args.executor != "ray" and value is not None:
+            raise ConfigError("needs --executor ray", field=flag)
+    config = _run_config(args.config)
+    settings = _search_settings(args, config)
+    runs: list[SweepRun] = []
+    # Models only for the identities a stored run must match: no model server starts here.
+    with Models(log_dir=args.run_dir, local_model=args.local_model) as models:
+        for path in args.tasks:
+            task = Task.from_yaml(path)
+            strategies = _compare_strategies(args, task, config)
+            logprobs = any(s.needs_logprobs for s in strategies)  # as compare does
+            for strategy in strategies:
+                job = _compare_job(args, task, strategy, settings)
+                session = _Session.from_job(args, job, logprobs=logprobs)
+                for seed in args.seeds:
+                    signature = run_signature(
+                        task.name,
+                        task.fingerprint(),
+                        strategy.to_dict(),
+                        settings.replace(seed=seed),
+                        session.identities(models),
+                    )
+                    runs.append(SweepRun(str(path), task.name, strategy.name, seed, signature))
+    # --rpm and --tpm bound all calls: each run in flight gets its share.
+    parallel = args.max_parallel or min(len(runs), os.cpu_count() or 1)
+    shares = {
+        name: None if getattr(args, name) is None else getattr(args, name) / parallel
+        for name in ("rpm", "tpm")
+    }
+    worker = functools.partial(_sweep_worker, argparse.Namespace(**{**vars(args), **shares}))
+    outcome = run_sweep(
+        runs,
+        worker,
+        run_dir=args.run_dir,
+        executor=args.executor,
+        address=args.ray_address,
+        max_parallel=args.max_parallel,
+        run_cpus=args.replica_cpus or 1.0,
+    )
+    tables = {name: summarise(results) for name, results in outcome.by_task(runs).items()}
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "seeds": list(args.seeds),
+                    "reused": outcome.reused,
+                    "tasks": [
+                        {"task": name, "strategies": [s.to_dict() for s in summaries]}
+                        for name, summaries in tables.items()
+                    ],
+                    "failed": {run.describe(): why for run, why in outcome.failures.items()},
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        print(
+            f"{len(runs)} runs ({outcome.reused} reused from {args.run_dir}), "
+            f"seeds {', '.join(map(str, args.seeds))}"
+        )
+        for name, summaries in tables.items():
+            print(f"\n{name}:")
+            print(render_table(summaries))
+    if outcome.failures:
+        for run, why in outcome.failures.items():
+            print(f"opro-agent: error: {run.describe()}: {why}", file=sys.stderr)
+        print(
+            f"{len(outcome.failures)} of {len(runs)} runs did not finish; what they did is "
+            "saved: run the same command again to resume them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _sweep_worker(args: argparse.Namespace, run: SweepRun) -> RunSummary:
+    """One run of a sweep, in a worker process: compare's run, on its own models."""
+    _configure_logging(as_json=args.log_json, quiet=args.quiet)
+    task = Task.from_yaml(run.task_path)
+    config = _run_config(args.config)
+    strategies = _compare_strategies(args, task, config)
+    strategy = next(s for s in strategies if s.name == run.strategy)
+    settings = _search_settings(args, config).replace(seed=run.seed)
+    job = _compare_job(args, task, strategy, settings, resume=run.resume)
+    session = _Session.from_job(args, job, logprobs=any(s.needs_logprobs for s in strategies))
+    store = RunStore.open(args.run_dir)
+    with Models(log_dir=args.run_dir, local_model=args.local_model) as models:
+        result = _run(session.optimizer(models, job, args, store, None), job, args.run_dir)
+    return result.summary()
 
 
 def _rate_limits(args: argparse.Namespace) -> RateLimits | None:
@@ -883,7 +1072,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     spec = ModelSpec.parse(args.scorer or LOCAL, flag="--scorer")
     options = ModelOptions(0.0, task.answer_max_tokens, args.scorer_base_url)
     demonstrations = _demonstrations(args.retriever, args.k, task)
-    with Models(log_dir=args.run_dir, local_model=args.local_model) as models:
+    pool = _pool(args, [spec])
+    with Models(log_dir=args.run_dir, local_model=args.local_model, pool=pool) as models:
         model = models.chat_model(spec, options, flag="--scorer")
         scored = asyncio.run(
             evaluate_instruction(

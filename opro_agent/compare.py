@@ -7,10 +7,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from opro_agent.result import OptimizationResult
 from opro_agent.stats import Interval, seed_spread
 
-__all__ = ["StrategySummary", "render_table", "summarise"]
+__all__ = ["RunSummary", "StrategySummary", "render_table", "summarise"]
+
+# A finished run's figures: `OptimizationResult.summary()`, as the run store also keeps them
+# (so runs made elsewhere, by a sweep's workers or earlier, summarise the same way).
+RunSummary = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -51,25 +54,26 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def summarise(results: Mapping[str, Sequence[OptimizationResult]]) -> list[StrategySummary]:
+def summarise(results: Mapping[str, Sequence[RunSummary]]) -> list[StrategySummary]:
     """One summary per strategy, in the order given; each needs at least one run."""
     summaries = []
     for strategy, runs in results.items():
         best = max(
-            runs, key=lambda r: (r.scores.get("validation") or 0.0, r.scores["train"] or 0.0)
+            runs,
+            key=lambda r: (r["scores"].get("validation") or 0.0, r["scores"]["train"] or 0.0),
         )
-        costs = [r.cost for r in runs]
+        costs = [r["cost"] for r in runs]
         summaries.append(
             StrategySummary(
                 strategy=strategy,
-                runs=tuple(r.run_id for r in runs),
-                test=_spread([r.scores.get("test") for r in runs]),
-                validation=_spread([r.scores.get("validation") for r in runs]),
-                calls=_mean([sum(r.calls.values()) for r in runs]),
-                tokens=_mean([sum(r.tokens.values()) for r in runs]),
+                runs=tuple(r["run_id"] for r in runs),
+                test=_spread([r["scores"].get("test") for r in runs]),
+                validation=_spread([r["scores"].get("validation") for r in runs]),
+                calls=_mean([sum(r["calls"].values()) for r in runs]),
+                tokens=_mean([sum(r["tokens"].values()) for r in runs]),
                 cost=None if None in costs else _mean([c or 0.0 for c in costs]),
-                wall_seconds=_mean([r.wall_seconds for r in runs]),
-                best_instruction=best.best_instruction,
+                wall_seconds=_mean([r["wall_seconds"] for r in runs]),
+                best_instruction=best["best_instruction"],
             )
         )
     return summaries

@@ -66,6 +66,16 @@ LOCAL_FIELD = "--optimizer/--scorer local"
 _SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context")
 _POLL_INTERVAL = 0.2
 _STOP_GRACE = 10.0
+# Runs before the server's own command: asks Linux to SIGKILL it when its parent dies, then
+# execs the command. A server owned by a process that is killed outright (a Ray actor under
+# `ray.kill`) has no chance to stop it, and must not live on answering on its port.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "parent = int(sys.argv[1])\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != parent: sys.exit(1)  # the parent died before prctl\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
 log = structlog.get_logger()
 
@@ -155,7 +165,9 @@ class LocalServer:
     ``__exit__`` stops it. The process runs in its own session, so a Ctrl-C in the terminal
     reaches only us and we stop it cleanly; an ``atexit`` hook stops it as a last resort.
 
-    ``n_threads`` overrides the generation threads (default: :func:`default_threads`).
+    ``n_threads`` and ``n_threads_batch`` override the generation and prompt-processing threads
+    (default: :func:`default_threads`). With ``die_with_parent`` (Linux only) the server is
+    killed by the kernel when the process that started it dies, however it dies.
     ``command`` replaces the default command line (for tests). Its items may contain the
     placeholders ``{host}``, ``{port}``, ``{model_path}`` and ``{model_name}``.
     """
@@ -170,6 +182,8 @@ class LocalServer:
         n_ctx: int = 2048,
         startup_timeout: float = 120.0,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        die_with_parent: bool = False,
         command: Sequence[str] | None = None,
     ) -> None:
         self.model_path = Path(model_path)
@@ -180,7 +194,8 @@ class LocalServer:
         self.startup_timeout = startup_timeout
         default_gen, default_batch = default_threads()
         self.n_threads = n_threads or default_gen
-        self.n_threads_batch = max(self.n_threads, default_batch)
+        self.n_threads_batch = max(self.n_threads, n_threads_batch or default_batch)
+        self.die_with_parent = die_with_parent and sys.platform == "linux"
         self.command = list(command) if command is not None else None
         # llama_cpp.server accepts any `model` name; /v1/models lists this alias.
         self.model_name = self.model_path.stem
@@ -220,6 +235,9 @@ class LocalServer:
             _check_port_free(self.host, self.port)
             port = self.port
         argv = self._argv(port)
+        launch = argv
+        if self.die_with_parent:
+            launch = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log_file:
@@ -230,7 +248,7 @@ class LocalServer:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             try:
                 self._proc = subprocess.Popen(
-                    argv,
+                    launch,
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,

@@ -20,12 +20,14 @@ from langchain_core.language_models import BaseChatModel
 
 from opro_agent.errors import ConfigError
 from opro_agent.local_server import LocalServer, find_embedded_model
+from opro_agent.ray_pool import PoolSettings, ReplicaPool, ServerSpec
 
 __all__ = [
     "LOCAL",
     "ModelOptions",
     "ModelSpec",
     "Models",
+    "connection_errors",
     "openai_chat_model",
     "rate_limit_errors",
     "redact_url",
@@ -114,6 +116,14 @@ def rate_limit_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def connection_errors() -> tuple[type[BaseException], ...]:
+    """What an OpenAI-compatible client raises when it cannot reach its server (refused,
+    reset, timed out): the server, not the request, is at fault."""
+    from openai import APIConnectionError
+
+    return (APIConnectionError, ConnectionError)
+
+
 def redact_url(url: str | None) -> str | None:
     """A URL without credentials, fit for logs and the run store."""
     if not url:
@@ -125,12 +135,20 @@ def redact_url(url: str | None) -> str | None:
 
 
 class Models:
-    """Builds chat models from specs; starts the embedded server once, stops it on close."""
+    """Builds chat models from specs; starts the embedded server once, stops it on close.
 
-    def __init__(self, *, log_dir: Path, local_model: Path | None = None) -> None:
+    With `pool` settings, `local` models are served by replicas on Ray instead (started on
+    first use), and each `local` chat model spreads its calls over them.
+    """
+
+    def __init__(
+        self, *, log_dir: Path, local_model: Path | None = None, pool: PoolSettings | None = None
+    ) -> None:
         self._log_dir = log_dir
         self._local_model = local_model
+        self._pool_settings = pool
         self._server: LocalServer | None = None
+        self._pool: ReplicaPool | None = None
         self._stack = ExitStack()
 
     def __enter__(self) -> Models:
@@ -148,6 +166,10 @@ class Models:
         self._stack.close()
 
     def chat_model(self, spec: ModelSpec, options: ModelOptions, *, flag: str) -> BaseChatModel:
+        if spec.provider == LOCAL and self._pool_settings is not None:
+            pool = self._replica_pool(self._pool_settings)
+            name = pool.server.model_name
+            return pool.chat_model(lambda url: self._openai(name, options, url, "local", flag))
         if spec.provider == LOCAL:
             server = self._local_server()
             return self._openai(server.model_name, options, server.base_url, "local", flag)
@@ -184,13 +206,29 @@ class Models:
             identity["base_url"] = redact_url(base_url)
         return identity
 
+    def _replica_pool(self, settings: PoolSettings) -> ReplicaPool:
+        """The replicas serving `local`, started once."""
+        if self._pool is None:
+            spec = ServerSpec(self._model_path(), self._log_dir, n_ctx=4096)
+            pool = ReplicaPool(settings, spec, connection_errors()).start()
+            self._stack.callback(pool.close)
+            self._pool = pool
+        return self._pool
+
+    def _model_path(self) -> Path:
+        model_path = self._local_model or find_embedded_model()
+        if not model_path.is_file():
+            raise ConfigError(f"no such file {model_path}", field="--local-model")
+        return model_path
+
     def _local_server(self) -> LocalServer:
         if self._server is None:
-            model_path = self._local_model or find_embedded_model()
-            if not model_path.is_file():
-                raise ConfigError(f"no such file {model_path}", field="--local-model")
+            model_path = self._model_path()
             # 4096 tokens of context: a meta-prompt with 20 past instructions fits easily.
-            server = LocalServer(model_path, self._log_dir / "llama-server.log", n_ctx=4096)
+            # Killed with us, even by SIGKILL: it must not outlive the run it serves.
+            server = LocalServer(
+                model_path, self._log_dir / "llama-server.log", n_ctx=4096, die_with_parent=True
+            )
             self._stack.enter_context(server)
             self._server = server
         return self._server

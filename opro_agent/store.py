@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 DB_FILENAME = "opro.db"
+_BUSY_TIMEOUT = 60.0
 
 # Append only: each entry runs once, in order, and bumps PRAGMA user_version.
 MIGRATIONS: tuple[str, ...] = (
@@ -153,8 +154,12 @@ class RunStore:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         try:
-            # Committed rows must survive the process; one writer (the event loop thread).
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            # Committed rows must survive the process. Each process writes from one thread
+            # (its event loop's); the runs of a sweep are processes sharing the file, and a
+            # writer waits for another's commit (up to _BUSY_TIMEOUT s) instead of failing.
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT
+            )
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -179,7 +184,17 @@ class RunStore:
         if version > len(MIGRATIONS):
             raise RunStoreError(f"{self.path}: written by a newer opro-agent (schema {version})")
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self._db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+            try:
+                self._db.executescript(
+                    f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;"
+                )
+            except sqlite3.OperationalError:
+                # Another process opening a new store at the same moment migrated it first
+                # (its tables exist now): fine, unless the schema is still behind.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if self._db.execute("PRAGMA user_version").fetchone()[0] < number:
+                    raise
 
     # -- runs ---------------------------------------------------------------------------------
 

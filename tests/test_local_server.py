@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -437,3 +438,42 @@ def test_real_server_max_tokens_and_seeds(real_server: LocalServer) -> None:
     assert llm.bind(seed=7).invoke(prompt).content == first.content
     others = {llm.bind(seed=seed).invoke(prompt).content for seed in (8, 9, 10)}
     assert others - {first.content}
+
+
+def test_a_server_dies_with_a_parent_killed_outright(tmp_path: Path, model_file: Path) -> None:
+    """`die_with_parent`: SIGKILL leaves its owner no chance to stop it (a Ray actor under
+    ray.kill); the kernel ends it instead of leaving it answering on its port."""
+    if sys.platform != "linux":
+        pytest.skip("die_with_parent needs Linux")
+    script = _script(tmp_path, "fake.py", FAKE_SERVER)
+    owner = textwrap.dedent(
+        f"""
+        import sys, time
+        from pathlib import Path
+        from opro_agent.local_server import LocalServer
+        server = LocalServer(
+            Path({str(model_file)!r}),
+            Path({str(tmp_path / "s.log")!r}),
+            die_with_parent=True,
+            command={_fake_command(script)!r},
+        )
+        server.start()
+        print(server.pid, flush=True)
+        time.sleep(600)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", owner], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        # (structlog, unconfigured, logs to stdout too: the pid is the line of digits)
+        pid = int(next(line for line in parent.stdout if line.strip().isdigit()))
+        assert not _pid_gone(pid)
+        # The server runs its own command: the shim exec'd it in place.
+        assert "fake.py" in Path(f"/proc/{pid}/cmdline").read_text()
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while not _pid_gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _pid_gone(pid)
