@@ -8,6 +8,8 @@ in those tags, numbered by a counter, so every proposal of an optimizer run is d
 accepted. GET /v1/models lists the one model, and GET /stats says how many completions were
 served (`completions_served`, both kinds) and how many were proposals, so a benchmark can
 check that every call it timed reached the server.
+With `--serial`, requests are answered one at a time, each after the latency, as llama.cpp's
+server answers them (one model, one lock): a stand-in replica whose capacity is bounded.
 It is a raw ASGI callable served by uvicorn (one worker, warnings only, no access log), so
 the server does as little work per request as possible.
 
@@ -80,11 +82,13 @@ _MODELS = json.dumps(
 _NOT_FOUND = json.dumps({"error": {"message": "not found", "type": "invalid_request_error"}})
 
 
-def make_app(latency_ms: float) -> App:
+def make_app(latency_ms: float, *, serial: bool = False) -> App:
     """The ASGI app: a completion after `latency_ms` (a numbered instruction for a request
-    asking for one, "yes" otherwise), the model list, the counts, 404 otherwise."""
+    asking for one, "yes" otherwise), the model list, the counts, 404 otherwise. With
+    `serial`, one completion at a time."""
     latency = latency_ms / 1000
     served = proposals = 0
+    one_at_a_time = asyncio.Lock() if serial else contextlib.nullcontext()
 
     async def respond(send: Send, status: int, body: bytes) -> None:
         headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
@@ -108,8 +112,9 @@ def make_app(latency_ms: float) -> App:
             if PROPOSAL_MARK in b"".join(chunks):
                 proposals += 1
                 body = _completion(f"<INS>Answer the question, variant {proposals}.</INS>", 9)
-            if latency > 0:
-                await asyncio.sleep(latency)
+            async with one_at_a_time:
+                if latency > 0:
+                    await asyncio.sleep(latency)
             served += 1
             await respond(send, 200, body)
         elif method == "GET" and path == "/v1/models":
@@ -123,11 +128,11 @@ def make_app(latency_ms: float) -> App:
     return app
 
 
-def serve(host: str, port: int, latency_ms: float) -> None:
+def serve(host: str, port: int, latency_ms: float, *, serial: bool = False) -> None:
     import uvicorn
 
     uvicorn.run(
-        make_app(latency_ms),
+        make_app(latency_ms, serial=serial),
         host=host,
         port=port,
         workers=1,
@@ -197,8 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay before each answer")
+    parser.add_argument("--serial", action="store_true", help="answer one request at a time")
     args = parser.parse_args(argv)
-    serve(args.host, args.port, args.latency_ms)
+    serve(args.host, args.port, args.latency_ms, serial=args.serial)
 
 
 if __name__ == "__main__":

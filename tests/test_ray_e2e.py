@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -159,3 +160,28 @@ def test_a_sweep_on_ray_stores_four_runs_and_prints_the_table(
     out = capsys.readouterr().out
     assert out.startswith("4 runs (4 reused from ")
     assert "\nfacts_a:\n" in out and "\nfacts_b:\n" in out and out.count("best opro: ") == 2
+
+
+def test_the_readme_ray_example_runs(
+    ray_cluster: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The README's Python example as printed, on a smaller task."""
+    readme = (REPO / "README.md").read_text()
+    (block,) = [
+        b for b in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "PoolSettings" in b
+    ]
+    assert '"tasks/yes_no_facts.yaml"' in block
+    block = block.replace('"tasks/yes_no_facts.yaml"', repr(str(_task(tmp_path))))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    result = namespace["ray_result"]
+    assert result.scores["test"] is not None
+    assert capsys.readouterr().out.strip().startswith(result.best_instruction.strip()[:20])
+    assert sorted(p.name for p in (tmp_path / "runs").glob("llama-server-r*.log")) == [
+        "llama-server-r0.log",
+        "llama-server-r1.log",
+    ]
