@@ -209,7 +209,8 @@ class Models:
     def _replica_pool(self, settings: PoolSettings) -> ReplicaPool:
         """The replicas serving `local`, started once."""
         if self._pool is None:
-            spec = ServerSpec(self._model_path(), self._log_dir, n_ctx=4096)
+            # Absolute: a replica actor runs in a working directory of Ray's, not ours.
+            spec = ServerSpec(self._model_path().resolve(), self._log_dir.resolve(), n_ctx=4096)
             pool = ReplicaPool(settings, spec, connection_errors()).start()
             self._stack.callback(pool.close)
             self._pool = pool
