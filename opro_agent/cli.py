@@ -593,19 +593,11 @@ def _job_from_flags(args: argparse.Namespace) -> _OptimizeJob:
         raise ConfigError("give a task YAML file, or --resume RUN", field="TASK")
     task = Task.from_yaml(args.task)
     config = _run_config(args.config)
-    return _OptimizeJob(
-        task=task,
-        strategy=_strategy_from_flags(args, task, config),
-        settings=_search_settings(args, config),
-        optimizer=args.optimizer or LOCAL,
-        scorer=args.scorer or LOCAL,
-        optimizer_url=args.optimizer_base_url,
-        scorer_url=args.scorer_base_url,
-        local_model=args.local_model,
-        resume=None,
-        retriever=str(args.retriever.resolve()) if args.retriever else None,
-        k=args.k,
+    job = _runs_job(
+        args, task, _strategy_from_flags(args, task, config), _search_settings(args, config)
     )
+    retriever = str(args.retriever.resolve()) if args.retriever else None
+    return dataclasses.replace(job, retriever=retriever, k=args.k)
 
 
 def _job_from_run(store: RunStore, args: argparse.Namespace) -> _OptimizeJob:
@@ -753,14 +745,14 @@ def _compare_strategies(args: argparse.Namespace, task: Task, config: _RunConfig
     return strategies
 
 
-def _compare_job(
+def _runs_job(
     args: argparse.Namespace,
     task: Task,
     strategy: Strategy,
     settings: SearchSettings,
     resume: str | None = None,
 ) -> _OptimizeJob:
-    """One run of `compare` or `sweep`: the models of the flags."""
+    """One run of `optimize`, `compare` or `sweep`: the models of the flags."""
     return _OptimizeJob(
         task=task,
         strategy=strategy,
@@ -781,7 +773,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     settings = _search_settings(args, config)
     jobs = {
         strategy.name: [
-            _compare_job(args, task, strategy, settings.replace(seed=seed)) for seed in args.seeds
+            _runs_job(args, task, strategy, settings.replace(seed=seed)) for seed in args.seeds
         ]
         for strategy in strategies
     }
@@ -839,7 +831,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             strategies = _compare_strategies(args, task, config)
             logprobs = any(s.needs_logprobs for s in strategies)  # as compare does
             for strategy in strategies:
-                job = _compare_job(args, task, strategy, settings)
+                job = _runs_job(args, task, strategy, settings)
                 session = _Session.from_job(args, job, logprobs=logprobs)
                 for seed in args.seeds:
                     signature = run_signature(
@@ -910,7 +902,7 @@ def _sweep_worker(args: argparse.Namespace, run: SweepRun) -> RunSummary:
     strategies = _compare_strategies(args, task, config)
     strategy = next(s for s in strategies if s.name == run.strategy)
     settings = _search_settings(args, config).replace(seed=run.seed)
-    job = _compare_job(args, task, strategy, settings, resume=run.resume)
+    job = _runs_job(args, task, strategy, settings, resume=run.resume)
     session = _Session.from_job(args, job, logprobs=any(s.needs_logprobs for s in strategies))
     store = RunStore.open(args.run_dir)
     with Models(log_dir=args.run_dir, local_model=args.local_model) as models:
